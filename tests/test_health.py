@@ -1,10 +1,7 @@
 from starlette.testclient import TestClient
 
-from segactors.app import create_app
 
-
-def test_healthz_answers_ok() -> None:
-    with TestClient(create_app()) as client:
-        r = client.get("/healthz")
+def test_healthz_answers_ok_without_a_token(client: TestClient) -> None:
+    r = client.get("/healthz", headers={"Authorization": ""})
     assert r.status_code == 200
     assert r.json() == {"status": "ok"}

@@ -13,13 +13,21 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8765)
     serve.add_argument("--data-dir", default="./segactors-data")
+    serve.add_argument("--no-uvloop", action="store_true",
+                       help="serve on asyncio's own loop and h11 (to compare)")
     args = parser.parse_args(argv)
     if args.command == "serve":
         import uvicorn
 
         from segactors.app import create_app
+        from segactors.config import Config
 
-        uvicorn.run(create_app(), host=args.host, port=args.port, log_level="warning")
+        app = create_app(Config.from_env(args.data_dir))
+        loop, http = ("asyncio", "h11") if args.no_uvloop else ("auto", "auto")
+        print(f"segactors: serving on http://{args.host}:{args.port} "
+              f"(data in {args.data_dir})", flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", loop=loop,
+                    http=http, timeout_graceful_shutdown=5)
     return 0
 
 

@@ -1,0 +1,105 @@
+"""A user actor: timeline, profile and per-atom matches of one user.
+
+A plain object with ``__slots__``, not a Task: the supervisor hands it one message at a
+time, so nothing inside needs a lock.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from segactors.rules.evaluate import NEVER, Matches, seen_props, sorted_insert
+
+if TYPE_CHECKING:
+    from segactors.rules.compile import AtomRegistry
+    from segactors.supervisor import System
+
+
+class UserActor:
+    """One user's state. ``events`` keeps raw events for segments created later."""
+
+    __slots__ = ("uid", "props", "all_ts", "events", "matches", "deadline", "sessions")
+
+    def __init__(self, uid: str) -> None:
+        self.uid = uid
+        self.props: dict[str, Any] = {}
+        self.all_ts: list[int] = []
+        # (ts, name, props, session_id) in arrival order.
+        self.events: list[tuple[int, str, dict[str, Any], str | None]] = []
+        self.matches: dict[int, Matches] = {}
+        self.deadline: int | None = None
+        self.sessions: dict[str, int] | None = None
+
+    def add_event(self, system: System, ts: int, name: str, props: dict[str, Any],
+                  sid: str | None) -> list[int]:
+        """Record an event; return the ids of atoms whose matches may have changed."""
+        self.events.append((ts, name, props, sid))
+        sorted_insert(self.all_ts, ts)
+        if sid is not None and self.sessions is not None:
+            first = self.sessions.get(sid)
+            if first is None or ts < first:
+                self.sessions[sid] = ts
+        changed = []
+        for atom in system.atoms.by_event.get(name, ()):
+            m = self.matches.get(atom.id)
+            if m is None:
+                changed.append(atom.id)  # Built lazily, from `events`, when first read.
+                continue
+            before = len(m.ts)
+            atom.record(m, ts, props, sid)
+            if len(m.ts) != before:
+                changed.append(atom.id)
+        return changed
+
+    def session_starts(self) -> dict[str, int]:
+        """Each session id and the ts of its first event. Built once, then kept current."""
+        if self.sessions is None:
+            self.sessions = {}
+            for ts, _name, _props, sid in self.events:
+                if sid is not None and (sid not in self.sessions or ts < self.sessions[sid]):
+                    self.sessions[sid] = ts
+        return self.sessions
+
+
+class ActorCtx:
+    """The ``Ctx`` the rules read: one actor, seen through its system, at one evaluation."""
+
+    __slots__ = ("actor", "system", "_profile", "_profile_at", "_scratch", "_kept")
+
+    def __init__(self, actor: UserActor, system: System, scratch: AtomRegistry | None = None):
+        """``scratch``: atoms of a dry run, built here from raw events and never kept."""
+        self.actor, self.system = actor, system
+        self._profile: Mapping[str, Any] | None = None
+        self._profile_at = 0
+        self._scratch = scratch
+        self._kept: dict[int, Matches] = actor.matches if scratch is None else {}
+
+    def m(self, atom_id: int) -> Matches:
+        got = self._kept.get(atom_id)
+        if got is None:
+            registry = self._scratch if self._scratch is not None else self.system.atoms
+            atom = registry.by_id[atom_id]
+            got = atom.new_matches()
+            for ts, name, props, sid in self.actor.events:
+                if name == atom.event:
+                    atom.record(got, ts, props, sid)
+            self._kept[atom_id] = got
+        return got
+
+    def profile(self, now: int) -> Mapping[str, Any]:
+        if self._profile is None or self._profile_at != now:
+            seen = seen_props(self.actor.all_ts, now)
+            self._profile = {**self.actor.props, **seen} if seen else self.actor.props
+            self._profile_at = now
+        return self._profile
+
+    def member(self, segment: str) -> bool:
+        seg = self.system.segments.get(segment)
+        return seg is not None and self.actor.uid in seg.members
+
+    def next_event_after(self, now: int) -> int:
+        ts = self.actor.all_ts
+        i = bisect_right(ts, now)
+        return ts[i] if i < len(ts) else NEVER

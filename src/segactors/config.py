@@ -1,0 +1,55 @@
+"""Settings and limits, each with the contract's default."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from segactors.definition import Limits
+
+DAY_MS = 86_400_000
+
+
+def wall_clock() -> int:
+    """The server clock: epoch milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class Config:
+    data_dir: Path = Path("./segactors-data")
+    root_token: str | None = None
+    max_body: int = 5 * 1024 * 1024
+    max_batch: int = 10_000
+    max_depth: int = 32
+    future_horizon_ms: int = 7 * DAY_MS
+    max_segments: int = 1000
+    definition_limits: Limits = field(default_factory=Limits)
+    change_retention_ms: int = 7 * DAY_MS
+    change_retention_count: int | None = None
+    synchronous: str = "FULL"
+    webhook_hosts: tuple[str, ...] | None = None
+    subscriber_queue: int = 10_000
+    clock: Callable[[], int] = wall_clock
+    tick_interval: float = 0.05
+    backfill_slice: int = 2000
+
+    @classmethod
+    def from_env(cls, data_dir: str | Path, **overrides: object) -> Config:
+        cfg = cls(data_dir=Path(data_dir), root_token=os.environ.get("SEGACTORS_ROOT_TOKEN"))
+        env_ints = {
+            "SEGACTORS_MAX_BODY": "max_body", "SEGACTORS_MAX_BATCH": "max_batch",
+            "SEGACTORS_MAX_SEGMENTS": "max_segments",
+            "SEGACTORS_CHANGE_RETENTION_MS": "change_retention_ms",
+        }
+        for var, attr in env_ints.items():
+            if var in os.environ:
+                setattr(cfg, attr, int(os.environ[var]))
+        if "SEGACTORS_SYNCHRONOUS" in os.environ:
+            cfg.synchronous = os.environ["SEGACTORS_SYNCHRONOUS"].upper()
+        for k, v in overrides.items():
+            setattr(cfg, k, v)
+        return cfg

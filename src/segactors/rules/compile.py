@@ -1,0 +1,177 @@
+"""Compile a checked ``Definition`` into an evaluator tree over shared atoms.
+
+An *atom* is (event name, filter, recorded property, session-aware): the unit of work done
+once per event at ingestion. Segments that filter the same way share an atom.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from msgspec import UnsetType
+
+from segactors import definition as d
+from segactors.rules import evaluate as ev
+from segactors.rules.filters import Predicate, compile_filter, compile_where
+from segactors.timefmt import parse_duration, parse_ts
+
+
+@dataclass(eq=False)
+class Atom:
+    id: int
+    event: str
+    where: Predicate | None
+    value_prop: str | None
+    with_sids: bool
+
+    def new_matches(self) -> ev.Matches:
+        return ev.Matches(self.value_prop is not None, self.with_sids)
+
+    def record(self, m: ev.Matches, ts: int, props: dict[str, Any], sid: str | None) -> None:
+        """Insert the event into ``m`` when it passes this atom's filter."""
+        if self.where is None or self.where(props):
+            val = props.get(self.value_prop) if self.value_prop is not None else None
+            m.insert(ts, val, sid)
+
+
+class AtomRegistry:
+    """Atoms of one system, shared between segments, indexed by event name."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[Any, Atom] = {}
+        self.by_id: list[Atom] = []
+        self.by_event: dict[str, list[Atom]] = {}
+
+    def get(self, event: str, where: list[d.Filter], value_prop: str | None, sids: bool) -> Atom:
+        key = (event, msgspec.json.encode(where), value_prop, sids)
+        atom = self.by_key.get(key)
+        if atom is None:
+            pred = compile_where([(f.property, f.op, _value(f.value)) for f in where])
+            atom = Atom(len(self.by_id), event, pred, value_prop, sids)
+            self.by_key[key] = atom
+            self.by_id.append(atom)
+            self.by_event.setdefault(event, []).append(atom)
+        return atom
+
+
+def _value(v: Any) -> Any:
+    return None if isinstance(v, UnsetType) else v
+
+
+def _window(w: d.Window | UnsetType) -> ev.Window:
+    if isinstance(w, UnsetType):
+        return ev.ALL_TIME
+    if not isinstance(w.last, UnsetType):
+        return ev.Window(last=parse_duration(w.last))
+    assert not isinstance(w.from_, UnsetType)
+    hi = None if isinstance(w.to, UnsetType) else parse_ts(w.to)
+    return ev.Window(lo=parse_ts(w.from_), hi=hi)
+
+
+def _cmp(c: d.Compare | UnsetType) -> ev.Cmp:
+    if isinstance(c, UnsetType):
+        return lambda n: n >= 1
+    return ev.compile_compare(c.op, c.value, None if isinstance(c.to, UnsetType) else c.to)
+
+
+def _need(match: d.Match, n: int) -> tuple[int, bool]:
+    if isinstance(match, d.AtLeast):
+        return match.at_least, False
+    return {"all": (n, False), "any": (1, False), "none": (0, True)}[match]
+
+
+@dataclass(eq=False)
+class CompiledSegment:
+    """A segment ready to evaluate: ``eval(ctx, now, sessions)`` → (holds, next change)."""
+
+    root: ev.Node
+    session_scope: bool
+    atoms: set[int] = field(default_factory=set)
+    profile_props: set[str] = field(default_factory=set)
+    refs: set[str] = field(default_factory=set)
+    needs_sessions: bool = False
+
+    def eval(self, ctx: ev.Ctx, now: int, sessions: Callable[[], dict[str, int]]) -> ev.Result:
+        if self.session_scope:
+            return ev.eval_sessions(self.root, ctx, sessions(), now)
+        return self.root.eval(ctx, now)
+
+
+class _Compiler:
+    def __init__(self, atoms: AtomRegistry, default_window: d.Window | UnsetType, sids: bool):
+        self.registry = atoms
+        self.default = default_window
+        self.sids = sids
+        self.out = CompiledSegment(ev.Always(), sids)
+
+    def atom(self, event: str, where: list[d.Filter], value_prop: str | None = None) -> int:
+        a = self.registry.get(event, where, value_prop, self.sids)
+        self.out.atoms.add(a.id)
+        return a.id
+
+    def win(self, w: d.Window | UnsetType) -> ev.Window:
+        return _window(self.default if isinstance(w, UnsetType) else w)
+
+    def group(self, rules: list[d.Rule], match: d.Match) -> ev.Node:
+        children = [self.rule(r) for r in rules]
+        need, none = _need(match, len(children))
+        return ev.Group(children, need, none)
+
+    def rule(self, r: d.Rule) -> ev.Node:  # noqa: C901 - one branch per rule kind
+        if isinstance(r, d.Group):
+            return self.group(r.rules, r.match)
+        if isinstance(r, d.Did):
+            return ev.Did(self.atom(r.event, r.where), self.win(r.window), _cmp(r.count),
+                          r.include_absent)
+        if isinstance(r, d.DidNot):
+            return ev.DidNot(self.atom(r.event, r.where), self.win(r.window))
+        if isinstance(r, d.Aggregate):
+            c = r.compare
+            cmp = ev.compile_compare(c.op, c.value, None if isinstance(c.to, UnsetType) else c.to)
+            return ev.Aggregate(self.atom(r.event, r.where, r.property), self.win(r.window),
+                                r.fn, cmp, r.include_absent)
+        if isinstance(r, d.FirstDid):
+            return ev.FirstDid(self.atom(r.event, r.where), self.win(r.window))
+        if isinstance(r, d.DidThenNot):
+            return ev.DidThenNot(self.atom(r.event, r.where), self.win(r.window),
+                                 self.atom(r.then_not.event, r.then_not.where),
+                                 parse_duration(r.within))
+        if isinstance(r, d.Sequence):
+            within = None if isinstance(r.within, UnsetType) else parse_duration(r.within)
+            return ev.Sequence([self.atom(s.event, s.where) for s in r.steps],
+                               self.win(r.window), within)
+        if isinstance(r, d.Profile):
+            self.out.profile_props.add(r.property)
+            return ev.Profile(compile_filter(r.property, r.op, _value(r.value)), r.property)
+        if isinstance(r, d.ProfileTime):
+            self.out.profile_props.add(r.property)
+            return ev.ProfileTime(r.property, parse_duration(r.from_, signed=True),
+                                  parse_duration(r.to, signed=True))
+        if isinstance(r, (d.InSegment, d.NotInSegment)):
+            self.out.refs.add(r.segment)
+            return ev.InSegment(r.segment, isinstance(r, d.NotInSegment))
+        if isinstance(r, (d.Stopped, d.Restarted)):
+            return ev.Stopped(self.atom(r.event, r.where), parse_duration(r.before),
+                              parse_duration(r.recent), isinstance(r, d.Restarted))
+        if isinstance(r, d.Regularly):
+            return ev.Regularly(self.atom(r.event, r.where), parse_duration(r.period),
+                                r.periods, r.min_periods, _cmp(r.count))
+        raise TypeError(f"unknown rule {r!r}")
+
+
+def compile_definition(defn: d.Definition, atoms: AtomRegistry) -> CompiledSegment:
+    c = _Compiler(atoms, defn.window, defn.scope == "session")
+    c.out.root = c.group(defn.rules, defn.match)
+    return c.out
+
+
+def compile_builtin(segment_id: str) -> CompiledSegment:
+    """``all-users`` holds for every known user; ``test-users`` for ``test_user`` = true."""
+    if segment_id == "all-users":
+        return CompiledSegment(ev.Always(), False)
+    assert segment_id == "test-users"
+    pred = compile_filter("test_user", "eq", True)
+    return CompiledSegment(ev.Profile(pred, "test_user"), False, profile_props={"test_user"})

@@ -1,0 +1,466 @@
+"""Compiled rule kinds: each answers "does it hold at `now`?" and "when could that change?".
+
+Every node's ``eval(ctx, now)`` returns ``(holds, next)`` where ``next`` is the earliest
+instant after ``now`` at which the answer can change with no new input (``NEVER`` if none).
+``next`` may be early (a wake-up that changes nothing is harmless) but is never late.
+
+Event rules read per-user ``Matches``: the timestamps (and, where needed, the values and
+session ids) of the user's events that passed one atom's filter, in ``ts`` order. Windows
+are bisects over them, so a re-evaluation costs O(log n) per leaf for most kinds.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right, insort
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from segactors.rules.filters import Predicate, eq_key
+from segactors.timefmt import format_ts, parse_rfc3339
+
+NEVER = 1 << 62
+NO_TS: list[int] = []
+
+
+class Matches:
+    """The events of one user that passed one atom, sorted by ``ts`` (ties keep arrival order).
+
+    Insert is O(n) in the worst case (a list insert) and O(1) for in-order arrivals.
+    """
+
+    __slots__ = ("ts", "vals", "sids")
+
+    def __init__(self, with_vals: bool, with_sids: bool) -> None:
+        self.ts: list[int] = []
+        self.vals: list[Any] | None = [] if with_vals else None
+        self.sids: list[str | None] | None = [] if with_sids else None
+
+    def insert(self, ts: int, val: Any, sid: str | None) -> None:
+        ts_list = self.ts
+        if not ts_list or ts_list[-1] <= ts:
+            ts_list.append(ts)
+            if self.vals is not None:
+                self.vals.append(val)
+            if self.sids is not None:
+                self.sids.append(sid)
+            return
+        i = bisect_right(ts_list, ts)
+        ts_list.insert(i, ts)
+        if self.vals is not None:
+            self.vals.insert(i, val)
+        if self.sids is not None:
+            self.sids.insert(i, sid)
+
+    def only_session(self, sid: str) -> Matches:
+        """A copy holding only the events of session ``sid``. O(n)."""
+        out = Matches(self.vals is not None, False)
+        assert self.sids is not None
+        for k, s in enumerate(self.sids):
+            if s == sid:
+                out.ts.append(self.ts[k])
+                if out.vals is not None and self.vals is not None:
+                    out.vals.append(self.vals[k])
+        return out
+
+    def _check(self) -> None:
+        assert self.ts == sorted(self.ts)
+        for side in (self.vals, self.sids):
+            assert side is None or len(side) == len(self.ts)
+
+
+EMPTY = Matches(False, False)
+
+
+class Ctx(Protocol):
+    """What rules may read of one user."""
+
+    def m(self, atom: int) -> Matches: ...
+
+    def profile(self, now: int) -> Mapping[str, Any]: ...
+
+    def member(self, segment: str) -> bool: ...
+
+    def next_event_after(self, now: int) -> int: ...
+
+
+def next_crossing(ts: list[int], now: int, offsets: tuple[int, ...]) -> int:
+    """The first instant after ``now`` at which some ``t + o`` (t in ts, o in offsets) is reached."""
+    best = NEVER
+    n = len(ts)
+    for o in offsets:
+        i = bisect_right(ts, now - o)
+        if i < n and ts[i] + o < best:
+            best = ts[i] + o
+    return best
+
+
+class Window:
+    """One of RULES.md's windows: sliding ``last``, fixed ``[lo, hi)``, or all time."""
+
+    __slots__ = ("last", "lo", "hi", "offsets")
+
+    def __init__(self, last: int | None = None, lo: int | None = None, hi: int | None = None):
+        self.last, self.lo, self.hi = last, lo, hi
+        self.offsets = (0, last) if last is not None else (0,)
+
+    def span(self, ts: list[int], now: int) -> tuple[int, int]:
+        """Indices [i, j) of the visible events (ts <= now) inside the window. O(log n)."""
+        if self.last is not None:
+            return bisect_right(ts, now - self.last), bisect_right(ts, now)
+        i = 0 if self.lo is None else bisect_left(ts, self.lo)
+        top = now if self.hi is None else min(now, self.hi - 1)
+        j = bisect_right(ts, top)
+        return i, max(i, j)
+
+    def contains(self, t: int, now: int) -> bool:
+        if t > now:
+            return False
+        if self.last is not None:
+            return t > now - self.last
+        return (self.lo is None or t >= self.lo) and (self.hi is None or t < self.hi)
+
+    def next(self, ts: list[int], now: int) -> int:
+        return next_crossing(ts, now, self.offsets)
+
+
+ALL_TIME = Window()
+Result = tuple[bool, int]
+
+
+class Node:
+    __slots__ = ()
+
+    def eval(self, ctx: Ctx, now: int) -> Result:
+        raise NotImplementedError
+
+
+class Always(Node):
+    __slots__ = ()
+
+    def eval(self, ctx: Ctx, now: int) -> Result:
+        return True, NEVER
+
+
+Cmp = Callable[[float], bool]
+
+
+def compile_compare(op: str, value: float, to: float | None = None) -> Cmp:
+    if op == "between":
+        assert to is not None
+        return lambda x: value <= x <= to
+    return {
+        "gt": lambda x: x > value, "gte": lambda x: x >= value, "lt": lambda x: x < value,
+        "lte": lambda x: x <= value, "eq": lambda x: x == value, "neq": lambda x: x != value,
+    }[op]
+
+
+class Did(Node):
+    __slots__ = ("atom", "win", "cmp", "include_absent")
+
+    def __init__(self, atom: int, win: Window, cmp: Cmp, include_absent: bool) -> None:
+        self.atom, self.win, self.cmp, self.include_absent = atom, win, cmp, include_absent
+
+    def eval(self, ctx: Ctx, now: int) -> Result:
+        ts = ctx.m(self.atom).ts
+        i, j = self.win.span(ts, now)
+        n = j - i
+        holds = self.include_absent if n == 0 else self.cmp(n)
+        return holds, self.win.next(ts, now)
+
+
+class DidNot(Node):
+    __slots__ = ("atom", "win")
+
+    def __init__(self, atom: int, win: Window) -> None:
+        self.atom, self.win = atom, win
+
+    def eval(self, ctx: Ctx, now: int) -> Result:
+        ts = ctx.m(self.atom).ts
+        i, j = self.win.span(ts, now)
+        return i == j, self.win.next(ts, now)
+
+
+def _numbers(vals: list[Any]) -> list[float]:
+    return [v for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def _aggregate(fn: str, vals: list[Any]) -> float | None:
+    if fn == "distinct":
+        keys = {eq_key(v) for v in vals if v is not None}
+        keys.discard(None)
+        return float(len(keys)) if keys else None
+    nums = _numbers(vals)
+    if not nums:
+        return None
+    if fn == "sum":
+        return sum(nums)
+    if fn == "avg":
+        return sum(nums) / len(nums)
+    return min(nums) if fn == "min" else max(nums)
+
+
+class Aggregate(Node):
+    __slots__ = ("atom", "win", "fn", "cmp", "include_absent")
+
+    def __init__(self, atom: int, win: Window, fn: str, cmp: Cmp, include_absent: bool) -> None:
+        self.atom, self.win, self.fn, self.cmp = atom, win, fn, cmp
+        self.include_absent = include_absent
+
+    def eval(self, ctx: Ctx, now: int) -> Result:
+        m = ctx.m(self.atom)
+        i, j = self.win.span(m.ts, now)
+        value = _aggregate(self.fn, m.vals[i:j]) if m.vals is not None and i < j else None
+        holds = self.include_absent if value is None else self.cmp(value)
+        return holds, self.win.next(m.ts, now)
+
+
+class FirstDid(Node):
+    __slots__ = ("atom", "win")
+
+    def __init__(self, atom: int, win: Window) -> None:
+        self.atom, self.win = atom, win
+
+    def eval(self, ctx: Ctx, now: int) -> Result:
+        ts = ctx.m(self.atom).ts
+        if not ts:
+            return False, NEVER
+        first = ts[0]
+        return self.win.contains(first, now), self.win.next(ts[:1], now)
+
+
+class DidThenNot(Node):
+    __slots__ = ("atom", "win", "then_not", "within")
+
+    def __init__(self, atom: int, win: Window, then_not: int, within: int) -> None:
+        self.atom, self.win, self.then_not, self.within = atom, win, then_not, within
+
+    def eval(self, ctx: Ctx, now: int) -> Result:
+        ts = ctx.m(self.atom).ts
+        nots = ctx.m(self.then_not).ts
+        within = self.within
+        i, j = self.win.span(ts, now)
+        # Only an `a` with a.ts + within <= now can qualify: those are ts[i:k].
+        k = max(i, min(j, bisect_right(ts, now - within)))
+        holds = False
+        for a in ts[i:k]:
+            b = bisect_right(nots, a)
+            if b == len(nots) or nots[b] > a + within:
+                holds = True
+                break
+        nxt = min(self.win.next(ts, now), next_crossing(ts, now, (within,)))
+        return holds, nxt
+
+
+def _chain_from(lists: list[tuple[list[int], int, int]], start: int) -> int | None:
+    """Greedy: the earliest last-step ts of a strictly increasing chain starting at ``start``."""
+    t = start
+    for ts, i, j in lists:
+        k = bisect_right(ts, t, i, j)
+        if k >= j:
+            return None
+        t = ts[k]
+    return t
+
+
+class Sequence(Node):
+    __slots__ = ("atoms", "win", "within")
+
+    def __init__(self, atoms: list[int], win: Window, within: int | None) -> None:
+        self.atoms, self.win, self.within = atoms, win, within
+
+    def eval(self, ctx: Ctx, now: int) -> Result:
+        spans = []
+        nxt = NEVER
+        for atom in self.atoms:
+            ts = ctx.m(atom).ts
+            i, j = self.win.span(ts, now)
+            spans.append((ts, i, j))
+            nxt = min(nxt, self.win.next(ts, now))
+        first, i0, j0 = spans[0]
+        rest = spans[1:]
+        holds = False
+        for k in range(i0, j0):
+            end = _chain_from(rest, first[k])
+            if end is None:
+                break  # A later first step cannot find a chain either.
+            if self.within is None or end - first[k] <= self.within:
+                holds = True
+                break
+        return holds, nxt
+
+
+SEEN = ("first_seen", "last_seen")
+
+
+class Profile(Node):
+    __slots__ = ("pred", "seen")
+
+    def __init__(self, pred: Predicate, prop: str) -> None:
+        self.pred, self.seen = pred, prop in SEEN
+
+    def eval(self, ctx: Ctx, now: int) -> Result:
+        nxt = ctx.next_event_after(now) if self.seen else NEVER
+        return self.pred(ctx.profile(now)), nxt
+
+
+def profile_instant(v: object) -> float | None:
+    """A profile value read as a timestamp: RFC 3339 string or integer epoch ms.
+
+    As everywhere in RULES.md, a float is not a timestamp.
+    """
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, str):
+        try:
+            return parse_rfc3339(v)
+        except ValueError:
+            return None
+    return None
+
+
+class ProfileTime(Node):
+    """``now + lo <= t < now + hi``: holds for ``now`` in ``(t - hi, t - lo]``."""
+
+    __slots__ = ("prop", "lo", "hi", "seen")
+
+    def __init__(self, prop: str, lo: int, hi: int) -> None:
+        self.prop, self.lo, self.hi, self.seen = prop, lo, hi, prop in SEEN
+
+    def eval(self, ctx: Ctx, now: int) -> Result:
+        nxt = ctx.next_event_after(now) if self.seen else NEVER
+        t = profile_instant(ctx.profile(now).get(self.prop))
+        if t is None:
+            return False, nxt
+        holds = now + self.lo <= t < now + self.hi
+        # The answer flips at the first integer ms past t - hi, and past t - lo.
+        for edge in (int(t - self.hi) + 1, int(t - self.lo) + 1):
+            if now < edge < nxt:
+                nxt = edge
+        return holds, nxt
+
+
+class InSegment(Node):
+    __slots__ = ("segment", "negate")
+
+    def __init__(self, segment: str, negate: bool) -> None:
+        self.segment, self.negate = segment, negate
+
+    def eval(self, ctx: Ctx, now: int) -> Result:
+        return ctx.member(self.segment) != self.negate, NEVER
+
+
+def _count(ts: list[int], lo: int, hi: int) -> int:
+    """Events with ``lo < t <= hi``."""
+    return max(0, bisect_right(ts, hi) - bisect_right(ts, lo))
+
+
+class Stopped(Node):
+    __slots__ = ("atom", "before", "recent", "restarted")
+
+    def __init__(self, atom: int, before: int, recent: int, restarted: bool) -> None:
+        self.atom, self.before, self.recent, self.restarted = atom, before, recent, restarted
+
+    def eval(self, ctx: Ctx, now: int) -> Result:
+        ts = ctx.m(self.atom).ts
+        t_, s_ = self.before, self.recent
+        middle = _count(ts, now - t_, now - s_)
+        recent = _count(ts, now - s_, now)
+        if self.restarted:
+            holds = bisect_right(ts, now - t_) > 0 and middle == 0 and recent > 0
+        else:
+            holds = middle > 0 and recent == 0
+        return holds, next_crossing(ts, now, (0, s_, t_))
+
+
+class Regularly(Node):
+    __slots__ = ("atom", "period", "periods", "min_periods", "cmp", "offsets")
+
+    def __init__(self, atom: int, period: int, periods: int, min_periods: int, cmp: Cmp):
+        self.atom, self.period, self.periods = atom, period, periods
+        self.min_periods, self.cmp = min_periods, cmp
+        self.offsets = tuple(i * period for i in range(periods + 1))
+
+    def eval(self, ctx: Ctx, now: int) -> Result:
+        ts = ctx.m(self.atom).ts
+        p = self.period
+        good = sum(
+            1 for i in range(self.periods) if self.cmp(_count(ts, now - (i + 1) * p, now - i * p))
+        )
+        return good >= self.min_periods, next_crossing(ts, now, self.offsets)
+
+
+class Group(Node):
+    """``match``: need = n (all), 1 (any), 0 with none holding (none), or k (at_least)."""
+
+    __slots__ = ("children", "need", "none")
+
+    def __init__(self, children: list[Node], need: int, none: bool) -> None:
+        self.children, self.need, self.none = children, need, none
+
+    def eval(self, ctx: Ctx, now: int) -> Result:
+        held = 0
+        nxt = NEVER
+        for c in self.children:
+            h, n = c.eval(ctx, now)
+            held += h
+            if n < nxt:
+                nxt = n
+        return (held == 0 if self.none else held >= self.need), nxt
+
+
+class SessionCtx:
+    """A user's context with every event rule limited to one session's events."""
+
+    __slots__ = ("base", "sid", "cache")
+
+    def __init__(self, base: Ctx, sid: str) -> None:
+        self.base, self.sid = base, sid
+        self.cache: dict[int, Matches] = {}
+
+    def m(self, atom: int) -> Matches:
+        got = self.cache.get(atom)
+        if got is None:
+            got = self.cache[atom] = self.base.m(atom).only_session(self.sid)
+        return got
+
+    def profile(self, now: int) -> Mapping[str, Any]:
+        return self.base.profile(now)
+
+    def member(self, segment: str) -> bool:
+        return self.base.member(segment)
+
+    def next_event_after(self, now: int) -> int:
+        return self.base.next_event_after(now)
+
+
+def eval_sessions(root: Node, ctx: Ctx, sessions: dict[str, int], now: int) -> Result:
+    """Session scope: some session seen by ``now`` satisfies ``root`` on its own events.
+
+    ``sessions`` maps each session id to the ts of its first event.
+    """
+    holds = False
+    nxt = ctx.next_event_after(now)  # A new session can start then.
+    for sid, first in sessions.items():
+        if first > now:
+            continue
+        h, n = root.eval(SessionCtx(ctx, sid), now)
+        holds = holds or h
+        nxt = min(nxt, n)
+    return holds, nxt
+
+
+def seen_props(all_ts: list[int], now: int) -> dict[str, str]:
+    """``first_seen``/``last_seen`` at ``now`` from a user's sorted event timestamps."""
+    k = bisect_right(all_ts, now)
+    if k == 0:
+        return {}
+    return {"first_seen": format_ts(all_ts[0]), "last_seen": format_ts(all_ts[k - 1])}
+
+
+def sorted_insert(ts: list[int], t: int) -> None:
+    if not ts or ts[-1] <= t:
+        ts.append(t)
+    else:
+        insort(ts, t)

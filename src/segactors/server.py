@@ -1,0 +1,453 @@
+"""The server core: systems, durable ingestion, segment lifecycle, the clock, the change log.
+
+HTTP and WebSocket handlers are thin wrappers over this. All state mutates on the event
+loop thread, one message at a time; SQLite work happens in the store's writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import secrets
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from segactors.changelog import ChangeLog
+from segactors.config import Config
+from segactors.definition import Definition, Limits, parse_definition, to_json
+from segactors.errors import Conflict, Invalid, NotFound
+from segactors.hub import Hub
+from segactors.rules.compile import AtomRegistry, compile_definition
+from segactors.store import Op, Store, rows
+from segactors.supervisor import Change, Segment, Status, System, new_key
+from segactors.timefmt import parse_ts
+from segactors.wire import EventIn, ProfileIn
+
+_json = msgspec.json.Encoder()
+
+INSERT_EVENT = (
+    "INSERT INTO events (system, user_id, name, ts, event_id, session_id, props) "
+    "VALUES (?,?,?,?,?,?,?)"
+)
+INSERT_PROFILE = "INSERT INTO profiles (system, user_id, props) VALUES (?,?,?)"
+INSERT_CHANGE = (
+    "INSERT INTO changes (system, seq, segment, user_id, change, at) VALUES (?,?,?,?,?,?)"
+)
+ENTER = "INSERT OR IGNORE INTO members (system, segment, user_id) VALUES (?,?,?)"
+LEAVE = "DELETE FROM members WHERE system=? AND segment=? AND user_id=?"
+SAVE_SEGMENT = "INSERT OR REPLACE INTO segments (system, id, idx, body) VALUES (?,?,?,?)"
+CLOCK = "INSERT OR REPLACE INTO meta (key, value) VALUES ('clock', ?)"
+
+
+def count_rules(rules: list[Any]) -> int:
+    return sum(1 + (count_rules(r.rules) if hasattr(r, "rules") else 0) for r in rules)
+
+
+def user_token(secret: str, user_id: str) -> str:
+    """``hex(HMAC-SHA256(secret, user_id))``, as the customer's backend computes it."""
+    return hmac.new(secret.encode(), user_id.encode(), hashlib.sha256).hexdigest()
+
+
+class Server:
+    """Everything one segactors process holds."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.clock: Callable[[], int] = config.clock
+        self.store = Store(config.data_dir, config.synchronous)
+        self.systems: dict[str, System] = {}
+        self.logs: dict[str, ChangeLog] = {}
+        self.by_write_key: dict[str, str] = {}
+        self.root_token = ""
+        self.hub = Hub()
+        self._backfills: deque[tuple[System, Segment]] = deque()
+        self._backfill_wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.last_tick = 0
+
+    # Lifecycle
+
+    async def start(self, background: bool = True) -> None:
+        self._load_root_token()
+        await self.store.open()
+        self._load()
+        if background:
+            self._tasks.append(asyncio.create_task(self._ticker(), name="segactors-ticker"))
+            self._tasks.append(asyncio.create_task(self._backfiller(), name="segactors-backfill"))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except asyncio.CancelledError:
+                pass
+        self._tasks.clear()
+        await self.store.close()
+
+    def _load_root_token(self) -> None:
+        path = self.config.data_dir / "root_token"
+        if self.config.root_token:
+            self.root_token = self.config.root_token
+            return
+        if path.exists():
+            self.root_token = path.read_text().strip()
+            return
+        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.root_token = secrets.token_urlsafe(32)
+        path.write_text(self.root_token + "\n")
+        path.chmod(0o600)
+        print(f"segactors: generated root token (stored in {path}): {self.root_token}",
+              flush=True)
+
+    def _load(self) -> None:
+        """Rebuild every system from SQLite, then catch up on what came due while down."""
+        con = self.store.read()
+        try:
+            for sid, wk, secret, created in rows(con, "SELECT * FROM systems"):
+                self._add_system(System(sid, wk, secret, created or 0))
+            meta = dict(rows(con, "SELECT key, value FROM meta"))
+            last = int(meta.get("clock", self.clock()))
+            for sid, seg_id, idx, body in rows(
+                con, "SELECT system, id, idx, body FROM segments ORDER BY system, idx"
+            ):
+                self._load_segment(self.systems[sid], seg_id, msgspec.json.decode(body))
+            for sid, uid, name, ts, eid, sess, props in rows(
+                con, "SELECT system, user_id, name, ts, event_id, session_id, props "
+                     "FROM events ORDER BY rowid"
+            ):
+                system = self.systems[sid]
+                system.load_event(uid, name, ts, msgspec.json.decode(props) if props else {},
+                                  sess)
+                if eid is not None:
+                    system.event_ids.add(eid)
+            for sid, uid, props in rows(
+                con, "SELECT system, user_id, props FROM profiles ORDER BY rowid"
+            ):
+                self.systems[sid].load_profile(uid, msgspec.json.decode(props))
+            for sid, seg_id, uid in rows(con, "SELECT system, segment, user_id FROM members"):
+                seg = self.systems[sid].segments.get(seg_id)
+                if seg is not None:
+                    seg.members.add(uid)
+            for sid, seq, seg_id, uid, change, at in rows(
+                con, "SELECT system, seq, segment, user_id, change, at FROM changes "
+                     "ORDER BY system, seq"
+            ):
+                self.logs[sid].restore(Change(seq, seg_id, uid, change, at))
+        finally:
+            con.close()
+        now = self.clock()
+        for system in self.systems.values():
+            system.seq = self.logs[system.id].last_seq
+            out: list[Change] = []
+            for uid in list(system.users):
+                system.evaluate_user(uid, min(last, now), min(last, now), out)
+            for seg in system.segments.values():
+                if seg.status is Status.PENDING:
+                    self._activate(system, seg)
+            due, _ = system.tick(now)
+            out.extend(due)
+            self._emit(system, out)
+
+    def _load_segment(self, system: System, seg_id: str, body: dict[str, Any]) -> None:
+        if body.get("builtin"):
+            seg = system.segments[seg_id]
+            seg.members.clear()
+            return
+        # Stored definitions were checked at creation; limits may have changed since.
+        defn = parse_definition(body["definition"], -(1 << 62), lambda s: s in system.segments,
+                                Limits(1 << 30, 1 << 30, 1 << 30))
+        seg = self._new_segment(system, seg_id, defn, body["created_at"], body["created_by"])
+        seg.status = Status(body["status"])
+        seg.reason = body.get("reason")
+        system.add_segment(seg)
+
+    def _add_system(self, system: System) -> None:
+        self.systems[system.id] = system
+        self.logs[system.id] = ChangeLog(self.config.change_retention_ms,
+                                         self.config.change_retention_count)
+        self.by_write_key[system.write_key] = system.id
+
+    # Systems
+
+    async def create_system(self, sid: str) -> System:
+        if sid in self.systems:
+            raise Conflict(f"system {sid!r} already exists")
+        system = System(sid, new_key(), new_key(), self.clock())
+        self._add_system(system)
+        ops: list[Op] = [("INSERT INTO systems VALUES (?,?,?,?)",
+                          [(sid, system.write_key, system.secret, system.created_at)])]
+        ops.append((SAVE_SEGMENT, [self._segment_row(system, s)
+                                   for s in system.segments.values()]))
+        try:
+            await self.store.write(ops)
+        except Exception:
+            del self.systems[sid], self.logs[sid], self.by_write_key[system.write_key]
+            raise
+        return system
+
+    def system(self, sid: str) -> System:
+        system = self.systems.get(sid)
+        if system is None:
+            raise NotFound(f"unknown system {sid!r}")
+        return system
+
+    # Ingestion
+
+    def _check_ts(self, raw: int | str, now: int) -> tuple[int | None, str | None]:
+        try:
+            ts = parse_ts(raw)
+        except ValueError as e:
+            return None, str(e)
+        if ts > now + self.config.future_horizon_ms:
+            return None, "ts lies more than the future horizon ahead of the server clock"
+        return ts, None
+
+    async def ingest_events(self, system: System, items: list[EventIn]) -> tuple[int, int]:
+        """Validate all, dedupe, make durable, then apply. All-or-nothing."""
+        now = self.clock()
+        details = []
+        stamped = []
+        for i, e in enumerate(items):
+            ts, problem = self._check_ts(e.ts, now)
+            if problem is not None:
+                details.append({"index": i, "message": f"ts: {problem}"})
+            stamped.append(ts)
+        if details:
+            raise Invalid("invalid event(s); nothing was accepted", details)
+        fresh: list[tuple[EventIn, int]] = []
+        reserved: list[str] = []
+        ids = system.event_ids
+        for e, ts in zip(items, stamped):
+            assert ts is not None
+            if e.id is not None:
+                if e.id in ids:
+                    continue
+                ids.add(e.id)  # Reserved now, so a concurrent request sees it as a duplicate.
+                reserved.append(e.id)
+            fresh.append((e, ts))
+        rows_ = [(system.id, e.user_id, e.name, ts, e.id, e.session_id,
+                  _json.encode(e.props) if e.props else None) for e, ts in fresh]
+        try:
+            await self.store.write([(INSERT_EVENT, rows_), (CLOCK, [(str(now),)])])
+        except Exception:
+            ids.difference_update(reserved)
+            raise
+        out: list[Change] = []
+        now = self.clock()
+        for k, (e, ts) in enumerate(fresh):
+            system.apply_event(e.user_id, e.name, ts, e.props, e.session_id, now, out)
+            if k % 2000 == 1999:
+                self._emit(system, out)
+                out = []
+                await asyncio.sleep(0)
+        self._emit(system, out)
+        return len(fresh), len(items) - len(fresh)
+
+    async def ingest_profiles(self, system: System, items: list[ProfileIn]) -> int:
+        details = []
+        for i, p in enumerate(items):
+            bad = [k for k in p.props if k in ("first_seen", "last_seen")]
+            if bad:
+                details.append({"index": i, "message": f"{bad[0]!r} is read-only"})
+        if details:
+            raise Invalid("invalid profile update(s); nothing was accepted", details)
+        now = self.clock()
+        await self.store.write([
+            (INSERT_PROFILE, [(system.id, p.user_id, _json.encode(p.props)) for p in items]),
+            (CLOCK, [(str(now),)]),
+        ])
+        out: list[Change] = []
+        now = self.clock()
+        for p in items:
+            system.apply_profile(p.user_id, p.props, now, out)
+        self._emit(system, out)
+        return len(items)
+
+    # Changes
+
+    def _emit(self, system: System, changes: list[Change]) -> None:
+        """Log changes, persist them with the members they imply, then push once durable."""
+        if not changes:
+            return
+        self.logs[system.id].extend(changes)
+        sid = system.id
+        enters = [(sid, c.segment, c.user_id) for c in changes if c.change == "enter"]
+        leaves = [(sid, c.segment, c.user_id) for c in changes if c.change == "leave"]
+        ops: list[Op] = [
+            (INSERT_CHANGE, [(sid, c.seq, c.segment, c.user_id, c.change, c.at) for c in changes])
+        ]
+        # Enter and leave of one user in one batch must apply in order.
+        if enters and leaves:
+            ops = ops + [(ENTER if c.change == "enter" else LEAVE, [(sid, c.segment, c.user_id)])
+                         for c in changes]
+        else:
+            ops += [(ENTER, enters), (LEAVE, leaves)]
+        ops.append((CLOCK, [(str(self.clock()),)]))
+        fut = self.store.write(ops)
+        fut.add_done_callback(lambda f: self._publish(sid, changes, f))
+
+    def _publish(self, sid: str, changes: list[Change], fut: asyncio.Future[None]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        self.hub.publish(sid, changes)
+
+    # Segments
+
+    def _new_segment(self, system: System, seg_id: str, defn: Definition, created_at: int,
+                     created_by: str) -> Segment:
+        ends_at = None if isinstance(defn.ends_at, msgspec.UnsetType) else parse_ts(defn.ends_at)
+        desc = "" if isinstance(defn.description, msgspec.UnsetType) else defn.description
+        return Segment(seg_id, 0, defn.name, desc, defn, to_json(defn),
+                       compile_definition(defn, system.atoms), created_at, created_by,
+                       ends_at=ends_at)
+
+    def _segment_row(self, system: System, seg: Segment) -> tuple[Any, ...]:
+        body = {
+            "name": seg.name, "description": seg.description, "definition": seg.definition_json,
+            "created_at": seg.created_at, "created_by": seg.created_by,
+            "status": seg.status.value, "reason": seg.reason, "builtin": seg.builtin,
+        }
+        return (system.id, seg.id, seg.idx, _json.encode(body))
+
+    def parse(self, system: System, body: Any) -> Definition:
+        return parse_definition(body, self.clock(), lambda s: s in system.segments,
+                                self.config.definition_limits)
+
+    async def create_segment(self, system: System, body: Any) -> Segment:
+        defn = self.parse(system, body)
+        if any(s.name == defn.name for s in system.segments.values()):
+            raise Conflict(f"a segment named {defn.name!r} already exists")
+        if sum(not s.builtin for s in system.segments.values()) >= self.config.max_segments:
+            raise Invalid(f"a system holds at most {self.config.max_segments} segments")
+        seg_id = "seg_" + secrets.token_hex(6)
+        seg = self._new_segment(system, seg_id, defn, self.clock(), "root")
+        for ref in seg.compiled.refs:
+            if system.segments[ref].status is Status.FAILED:
+                seg.status, seg.reason = Status.FAILED, f"depends on failed segment {ref!r}"
+        system.add_segment(seg)
+        try:
+            await self.store.write([(SAVE_SEGMENT, [self._segment_row(system, seg)])])
+        except Exception:
+            system.remove_segment(seg)
+            raise
+        if seg.status is Status.PENDING:
+            self._backfills.append((system, seg))
+            self._backfill_wake.set()
+        return seg
+
+    def segment(self, system: System, seg_id: str) -> Segment:
+        seg = system.segments.get(seg_id)
+        if seg is None:
+            raise NotFound(f"unknown segment {seg_id!r}")
+        return seg
+
+    async def patch_segment(self, system: System, seg: Segment, name: str | None,
+                            description: str | None) -> Segment:
+        if seg.builtin:
+            raise Conflict("built-in segments cannot be changed")
+        if name is not None:
+            if not 1 <= len(name) <= 200:
+                raise Invalid("a name is 1 to 200 characters")
+            if any(s.name == name and s is not seg for s in system.segments.values()):
+                raise Conflict(f"a segment named {name!r} already exists")
+        old = (seg.name, seg.description)
+        if name is not None:
+            seg.name = name
+        if description is not None:
+            seg.description = description
+        try:
+            await self.store.write([(SAVE_SEGMENT, [self._segment_row(system, seg)])])
+        except Exception:
+            seg.name, seg.description = old
+            raise
+        return seg
+
+    async def delete_segment(self, system: System, seg: Segment) -> None:
+        if seg.builtin:
+            raise Conflict("built-in segments cannot be deleted")
+        users = system.referrers(seg.id)
+        if users:
+            raise Conflict(f"segment {users[0].id!r} refers to this segment")
+        system.remove_segment(seg)
+        await self.store.write([
+            ("DELETE FROM segments WHERE system=? AND id=?", [(system.id, seg.id)]),
+            ("DELETE FROM members WHERE system=? AND segment=?", [(system.id, seg.id)]),
+        ])
+
+    def _activate(self, system: System, seg: Segment) -> None:
+        if seg.status is Status.PENDING:
+            seg.status = Status.ACTIVE
+        self.store.write([(SAVE_SEGMENT, [self._segment_row(system, seg)])] + [
+            (ENTER, [(system.id, seg.id, u) for u in seg.members])
+        ])
+
+    async def run_backfills(self) -> None:
+        """First computation of every pending segment, in slices that yield to the loop."""
+        while self._backfills:
+            system, seg = self._backfills.popleft()
+            if system.segments.get(seg.id) is not seg or seg.status is not Status.PENDING:
+                continue
+            uids = list(system.users)
+            step = self.config.backfill_slice
+            for i in range(0, len(uids), step):
+                out: list[Change] = []
+                system.backfill(seg, uids[i:i + step], self.clock(), out)
+                self._emit(system, out)
+                await asyncio.sleep(0)
+            if seg.status is Status.PENDING:
+                self._activate(system, seg)
+            else:
+                self.store.write([(SAVE_SEGMENT, [self._segment_row(system, seg)])])
+
+    async def _backfiller(self) -> None:
+        while True:
+            await self._backfill_wake.wait()
+            self._backfill_wake.clear()
+            await self.run_backfills()
+
+    async def estimate(self, system: System, body: Any, sample: int = 10) -> tuple[int, list[str]]:
+        """The Calculate dry run: members of an unsaved definition now, in slices."""
+        defn = self.parse(system, body)
+        scratch = AtomRegistry()
+        compiled = compile_definition(defn, scratch)
+        uids = list(system.users)
+        found: list[str] = []
+        now = self.clock()
+        step = self.config.backfill_slice
+        for i in range(0, len(uids), step):
+            system.estimate(compiled, scratch, now, uids[i:i + step], found)
+            await asyncio.sleep(0)
+        return len(found), sorted(found)[:sample]
+
+    # Time
+
+    def run_due(self) -> bool:
+        """Apply time-driven changes due by now, a slice at a time. True if more are due."""
+        now = self.clock()
+        more = False
+        for system in self.systems.values():
+            out, m = system.tick(now, limit=self.config.backfill_slice)
+            self._emit(system, out)
+            self.logs[system.id].trim(now)
+            more = more or m
+        self.last_tick = now
+        return more
+
+    async def _ticker(self) -> None:
+        while True:
+            if self.run_due():
+                await asyncio.sleep(0)
+                continue
+            now = self.clock()
+            nxt = min((d for s in self.systems.values() if (d := s.next_deadline()) is not None),
+                      default=None)
+            wait = self.config.tick_interval
+            if nxt is not None:
+                wait = max(0.0, min(wait, (nxt - now) / 1000))
+            await asyncio.sleep(wait)

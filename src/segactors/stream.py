@@ -1,0 +1,201 @@
+"""The WebSocket protocol of API.md: subscribe, watch_user, unsubscribe, ping."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from typing import Any
+
+import msgspec
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from segactors.errors import Gone
+from segactors.hub import Subscriber, SubState, encode_change
+from segactors.server import Server, user_token
+
+_enc = msgspec.json.Encoder()
+
+
+def _error(code: str, message: str) -> bytes:
+    return _enc.encode({"type": "error", "code": code, "message": message})
+
+
+class Connection:
+    def __init__(self, ws: WebSocket, srv: Server, sid: str, caller: str | None) -> None:
+        self.ws, self.srv, self.sid, self.caller = ws, srv, sid, caller
+        self.sub = Subscriber(sid, srv.config.subscriber_queue)
+
+    def send(self, obj: Any) -> None:
+        self.sub.put(_enc.encode(obj))
+
+    def handle(self, msg: Any) -> None:
+        if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
+            self.sub.put(_error("bad_message", "a message is an object with an 'op'"))
+            return
+        op = msg["op"]
+        if op == "ping":
+            self.send({"type": "pong"})
+        elif op == "subscribe":
+            self.subscribe(msg)
+        elif op == "watch_user":
+            self.watch_user(msg)
+        elif op == "unsubscribe":
+            self.unsubscribe(msg)
+        else:
+            self.sub.put(_error("bad_message", f"unknown op {op!r}"))
+
+    def _since(self, msg: dict[str, Any]) -> int | None | bool:
+        since = msg.get("since")
+        if since is None:
+            return None
+        if isinstance(since, bool) or not isinstance(since, int) or since < 0:
+            self.sub.put(_error("bad_message", "'since' is a non-negative integer"))
+            return False
+        return since
+
+    def _segments(self, msg: dict[str, Any]) -> list[str] | str | None:
+        segs = msg.get("segments")
+        if segs == "*":
+            return "*"
+        if not isinstance(segs, list) or not all(isinstance(s, str) for s in segs):
+            self.sub.put(_error("bad_message", "'segments' is a list of ids or '*'"))
+            return None
+        system = self.srv.systems[self.sid]
+        unknown = [s for s in segs if s not in system.segments]
+        if unknown:
+            self.sub.put(_error("unknown_segment", f"unknown segment {unknown[0]!r}"))
+            return None
+        return segs
+
+    def subscribe(self, msg: dict[str, Any]) -> None:
+        if self.caller is None:
+            self.sub.put(_error("unauthorized", "subscribe needs the root token"))
+            return
+        if self.caller != "root":
+            self.sub.put(_error("forbidden", "subscribe needs the root token"))
+            return
+        segs = self._segments(msg)
+        since = self._since(msg)
+        if segs is None or since is False:
+            return
+        wanted = None if segs == "*" else set(segs)
+        if since is not None:
+            try:
+                replay = self.srv.logs[self.sid].since(int(since), None, wanted)
+            except Gone as e:
+                self.sub.put(_error("gone", e.message))
+                return
+            for c in replay:
+                self.sub.put(encode_change(c), c.seq)
+        # Nothing awaits between the replay and joining live: no gap, no duplicate.
+        if wanted is None:
+            self.sub.all_segments = True
+        else:
+            self.sub.segments |= wanted
+        system = self.srv.systems[self.sid]
+        self.send({"type": "subscribed", "segments": segs, "seq": system.seq})
+
+    def watch_user(self, msg: dict[str, Any]) -> None:
+        uid, token = msg.get("user_id"), msg.get("user_token")
+        if not isinstance(uid, str) or not uid:
+            self.sub.put(_error("bad_message", "'user_id' is a non-empty string"))
+            return
+        system = self.srv.systems[self.sid]
+        if self.caller != "root":
+            good = isinstance(token, str) and hmac.compare_digest(
+                token.encode(), user_token(system.secret, uid).encode())
+            if not good:
+                self.sub.put(_error("unauthorized", "user_token is not valid for this user"))
+                return
+        since = self._since(msg)
+        if since is False:
+            return
+        self.send({"type": "memberships", "user_id": uid,
+                   "segments": system.user_segments(uid), "seq": system.seq})
+        if since is not None:
+            try:
+                replay = self.srv.logs[self.sid].since(int(since))
+            except Gone as e:
+                self.sub.put(_error("gone", e.message))
+                return
+            for c in replay:
+                if c.user_id == uid:
+                    self.sub.put(encode_change(c), c.seq)
+        self.sub.users.add(uid)
+
+    def unsubscribe(self, msg: dict[str, Any]) -> None:
+        if "user_id" in msg:
+            self.sub.users.discard(msg["user_id"])
+            self.send({"type": "unsubscribed", "user_id": msg["user_id"]})
+            return
+        segs = msg.get("segments")
+        if segs == "*":
+            self.sub.all_segments = False
+            self.sub.segments.clear()
+        elif isinstance(segs, list):
+            self.sub.segments.difference_update(s for s in segs if isinstance(s, str))
+        else:
+            self.sub.put(_error("bad_message", "unsubscribe takes 'segments' or 'user_id'"))
+            return
+        self.send({"type": "unsubscribed", "segments": segs})
+
+
+async def _writer(conn: Connection) -> None:
+    sub, ws = conn.sub, conn.ws
+    while True:
+        item = await sub.queue.get()
+        if item is None:
+            await ws.send_text(_enc.encode({"type": "overflow", "seq": sub.sent_seq}).decode())
+            await ws.close(code=1008)
+            return
+        seq, data = item
+        await ws.send_text(data.decode())
+        if seq:
+            sub.sent_seq = seq
+
+
+async def stream(ws: WebSocket) -> None:
+    srv: Server = ws.app.state.server
+    sid = ws.path_params["sys"]
+    await ws.accept()
+    if sid not in srv.systems:
+        await ws.send_text(_error("not_found", f"unknown system {sid!r}").decode())
+        await ws.close(code=1008)
+        return
+    token = ws.query_params.get("token")
+    h = ws.headers.get("authorization", "")
+    if h.lower().startswith("bearer "):
+        token = h[7:].strip()
+    caller = None
+    if token:
+        if hmac.compare_digest(token.encode(), srv.root_token.encode()):
+            caller = "root"
+        elif srv.by_write_key.get(token) is not None:
+            caller = "write_key"
+    conn = Connection(ws, srv, sid, caller)
+    srv.hub.add(conn.sub)
+    writer = asyncio.create_task(_writer(conn))
+    try:
+        while conn.sub.state is SubState.OPEN:
+            recv = asyncio.ensure_future(ws.receive_text())
+            done, _ = await asyncio.wait({recv, writer}, return_when=asyncio.FIRST_COMPLETED)
+            if writer in done:
+                recv.cancel()
+                break
+            try:
+                msg = msgspec.json.decode(recv.result())
+            except msgspec.DecodeError:
+                conn.sub.put(_error("bad_message", "a message is a JSON object"))
+                continue
+            conn.handle(msg)
+    except (WebSocketDisconnect, RuntimeError):
+        pass
+    finally:
+        conn.sub.state = SubState.CLOSED
+        srv.hub.remove(conn.sub)
+        if not writer.done():
+            writer.cancel()
+            try:
+                await writer
+            except (asyncio.CancelledError, Exception):
+                pass

@@ -1,0 +1,346 @@
+"""One system's supervisor: routes events, profile updates and deadlines to user actors.
+
+Everything here is synchronous and takes ``now`` explicitly, so tests drive it with any
+clock. It returns membership changes; persisting and pushing them is the server's job.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import secrets
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from sortedcontainers import SortedSet
+
+from segactors.actor import ActorCtx, UserActor
+from segactors.definition import Definition
+from segactors.rules.compile import AtomRegistry, CompiledSegment, compile_builtin
+from segactors.rules.evaluate import NEVER
+
+BUILTINS = ("all-users", "test-users")
+
+
+class Status(str, enum.Enum):
+    PENDING = "pending"
+    ACTIVE = "active"
+    EXPIRED = "expired"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    seq: int
+    segment: str
+    user_id: str
+    change: str  # "enter" | "leave"
+    at: int
+
+
+@dataclass(eq=False)
+class Segment:
+    """A segment and its members. ``members`` is sorted, for paging in ``user_id`` order."""
+
+    id: str
+    idx: int
+    name: str
+    description: str
+    definition: Definition | None
+    definition_json: Any
+    compiled: CompiledSegment
+    created_at: int
+    created_by: str = "root"
+    builtin: bool = False
+    ends_at: int | None = None
+    status: Status = Status.PENDING
+    reason: str | None = None
+    members: SortedSet = field(default_factory=SortedSet)
+    dependents: list[Segment] = field(default_factory=list)
+
+    def status_at(self, now: int) -> Status:
+        if self.status is Status.ACTIVE and self.ends_at is not None and now >= self.ends_at:
+            return Status.EXPIRED
+        return self.status
+
+    def live_at(self, now: int) -> bool:
+        """Whether membership may still change at ``now`` (not failed, not past ``ends_at``)."""
+        if self.status is Status.FAILED or self.status is Status.EXPIRED:
+            return False
+        return self.ends_at is None or now < self.ends_at
+
+
+class DeadlineHeap:
+    """(instant, user) entries; an entry is stale unless it equals the actor's ``deadline``.
+
+    Push and pop are O(log n); stale entries are skipped when popped.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, str]] = []
+
+    def push(self, t: int, uid: str) -> None:
+        heapq.heappush(self._heap, (t, uid))
+
+    def peek(self) -> int | None:
+        return self._heap[0][0] if self._heap else None
+
+    def pop_due(self, now: int) -> Iterator[tuple[int, str]]:
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            yield heapq.heappop(heap)
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+
+def new_key() -> str:
+    return secrets.token_urlsafe(24)
+
+
+class System:
+    """A tenant: its users, segments, atoms, deadlines and change sequence."""
+
+    def __init__(self, sid: str, write_key: str, secret: str, created_at: int) -> None:
+        self.id, self.write_key, self.secret = sid, write_key, secret
+        self.created_at = created_at
+        self.users: dict[str, UserActor] = {}
+        self.segments: dict[str, Segment] = {}
+        self.atoms = AtomRegistry()
+        self.event_ids: set[str] = set()
+        self.events = 0
+        self.seq = 0
+        self.next_idx = 0
+        self.deadlines = DeadlineHeap()
+        self._by_atom: dict[int, list[Segment]] = {}
+        self._by_prop: dict[str, list[Segment]] = {}
+        self._seen: list[Segment] = []
+        for bid in BUILTINS:
+            self.add_segment(Segment(bid, 0, bid, "", None, None, compile_builtin(bid),
+                                     created_at, builtin=True, status=Status.ACTIVE))
+
+    # Segments
+
+    def add_segment(self, seg: Segment) -> None:
+        """Register a segment and index what it watches. Its first computation is separate."""
+        seg.idx = self.next_idx
+        self.next_idx += 1
+        self.segments[seg.id] = seg
+        c = seg.compiled
+        for a in c.atoms:
+            self._by_atom.setdefault(a, []).append(seg)
+        for p in c.profile_props:
+            if p in ("first_seen", "last_seen"):
+                self._seen.append(seg)
+            else:
+                self._by_prop.setdefault(p, []).append(seg)
+        for ref in c.refs:
+            self.segments[ref].dependents.append(seg)
+
+    def remove_segment(self, seg: Segment) -> None:
+        del self.segments[seg.id]
+        for lst in (*self._by_atom.values(), *self._by_prop.values(), self._seen):
+            if seg in lst:
+                lst.remove(seg)
+        for ref in seg.compiled.refs:
+            target = self.segments.get(ref)
+            if target is not None and seg in target.dependents:
+                target.dependents.remove(seg)
+
+    def referrers(self, seg_id: str) -> list[Segment]:
+        return [s for s in self.segments.values() if seg_id in s.compiled.refs]
+
+    def user_segments(self, uid: str) -> list[str]:
+        return [s.id for s in self.segments.values() if uid in s.members]
+
+    # Evaluation
+
+    def _evaluate(self, u: UserActor, segs: Iterable[Segment], now: int, at: int,
+                  out: list[Change]) -> int:
+        """Evaluate ``segs`` (and, on change, their dependents) for ``u`` in creation order.
+
+        Appends a ``Change`` per membership flip of an active segment; returns the earliest
+        instant any evaluated segment could change next.
+        """
+        ctx = ActorCtx(u, self)
+        heap = [(s.idx, s) for s in segs]
+        heapq.heapify(heap)
+        done: set[int] = set()
+        nxt = NEVER
+        uid = u.uid
+        while heap:
+            idx, seg = heapq.heappop(heap)
+            if idx in done:
+                continue
+            done.add(idx)
+            if not seg.live_at(now):
+                continue
+            try:
+                holds, n = seg.compiled.eval(ctx, now, u.session_starts)
+            except Exception as e:  # A broken segment must not take the server down.
+                self.fail(seg, f"evaluation error: {e!r}")
+                continue
+            if seg.ends_at is not None and n >= seg.ends_at:
+                n = NEVER
+            if n < nxt:
+                nxt = n
+            if holds == (uid in seg.members):
+                continue
+            if holds:
+                seg.members.add(uid)
+            else:
+                seg.members.discard(uid)
+            if seg.status is Status.ACTIVE:
+                self.seq += 1
+                out.append(Change(self.seq, seg.id, uid, "enter" if holds else "leave", at))
+            for dep in seg.dependents:
+                heapq.heappush(heap, (dep.idx, dep))
+        return nxt
+
+    def fail(self, seg: Segment, reason: str) -> None:
+        """Mark ``seg`` failed, and every segment that depends on it."""
+        if seg.status is Status.FAILED:
+            return
+        seg.status, seg.reason = Status.FAILED, reason
+        for dep in seg.dependents:
+            self.fail(dep, f"depends on failed segment {seg.id!r}")
+
+    def _schedule(self, u: UserActor, nxt: int, fresh: bool) -> None:
+        """Keep ``u.deadline`` at or before every segment's next possible change."""
+        if not fresh and u.deadline is not None and u.deadline <= nxt:
+            return
+        if nxt >= NEVER:
+            u.deadline = None
+            return
+        if u.deadline != nxt:
+            u.deadline = nxt
+            self.deadlines.push(nxt, u.uid)
+
+    def _advance(self, u: UserActor, until: int, out: list[Change]) -> None:
+        """Apply every time-driven change of ``u`` due by ``until``, each at its own instant."""
+        while u.deadline is not None and u.deadline <= until:
+            t = u.deadline
+            u.deadline = None
+            nxt = self._evaluate(u, self.segments.values(), t, t, out)
+            self._schedule(u, nxt, fresh=True)
+
+    def tick(self, now: int, limit: int | None = None) -> tuple[list[Change], bool]:
+        """Run the deadlines due by ``now``; at most ``limit`` users. Returns (changes, more)."""
+        out: list[Change] = []
+        handled = 0
+        for t, uid in self.deadlines.pop_due(now):
+            u = self.users.get(uid)
+            if u is None or u.deadline != t:
+                continue
+            self._advance(u, now, out)
+            handled += 1
+            if limit is not None and handled >= limit:
+                break
+        nxt = self.deadlines.peek()
+        return out, nxt is not None and nxt <= now
+
+    def next_deadline(self) -> int | None:
+        return self.deadlines.peek()
+
+    def load_event(self, uid: str, name: str, ts: int, props: dict[str, Any],
+                   sid: str | None) -> None:
+        """Restore a stored event without evaluating anything (start-up)."""
+        u = self.users.get(uid)
+        if u is None:
+            u = self.users[uid] = UserActor(uid)
+        u.add_event(self, ts, name, props, sid)
+        self.events += 1
+
+    def load_profile(self, uid: str, props: dict[str, Any]) -> None:
+        u = self.users.get(uid)
+        if u is None:
+            u = self.users[uid] = UserActor(uid)
+        for k, v in props.items():
+            if v is None:
+                u.props.pop(k, None)
+            else:
+                u.props[k] = v
+
+    def _user(self, uid: str, now: int, out: list[Change]) -> tuple[UserActor, bool]:
+        u = self.users.get(uid)
+        if u is None:
+            u = self.users[uid] = UserActor(uid)
+            return u, True
+        self._advance(u, now, out)
+        return u, False
+
+    def apply_event(self, uid: str, name: str, ts: int, props: dict[str, Any],
+                    sid: str | None, now: int, out: list[Change]) -> None:
+        """Route one accepted event to its actor and re-evaluate what it can affect."""
+        self.events += 1
+        u, new = self._user(uid, now, out)
+        changed = u.add_event(self, ts, name, props, sid)
+        if new:
+            segs: Iterable[Segment] = self.segments.values()
+        else:
+            found: dict[int, Segment] = {}
+            for a in changed:
+                for s in self._by_atom.get(a, ()):
+                    found[s.idx] = s
+            for s in self._seen:
+                found[s.idx] = s
+            segs = found.values()
+        nxt = self._evaluate(u, segs, now, now, out)
+        self._schedule(u, nxt, fresh=new)
+
+    def apply_profile(self, uid: str, props: dict[str, Any], now: int,
+                      out: list[Change]) -> None:
+        """Apply one profile update (``None`` removes a property) and re-evaluate."""
+        u, new = self._user(uid, now, out)
+        for k, v in props.items():
+            if v is None:
+                u.props.pop(k, None)
+            else:
+                u.props[k] = v
+        if new:
+            segs: Iterable[Segment] = self.segments.values()
+        else:
+            found = {s.idx: s for k in props for s in self._by_prop.get(k, ())}
+            segs = found.values()
+        nxt = self._evaluate(u, segs, now, now, out)
+        self._schedule(u, nxt, fresh=new)
+
+    def backfill(self, seg: Segment, uids: Iterable[str], now: int, out: list[Change]) -> None:
+        """First computation of ``seg`` over existing users: its members are set silently.
+
+        ``out`` still receives the time-driven changes of other segments that come due.
+        """
+        for uid in uids:
+            u = self.users.get(uid)
+            if u is None:
+                continue
+            self._advance(u, now, out)
+            nxt = self._evaluate(u, (seg,), now, now, out)
+            self._schedule(u, nxt, fresh=False)
+
+    def evaluate_user(self, uid: str, now: int, at: int, out: list[Change]) -> None:
+        """Re-evaluate every segment for one user (used at restart)."""
+        u = self.users[uid]
+        nxt = self._evaluate(u, self.segments.values(), now, at, out)
+        self._schedule(u, nxt, fresh=True)
+
+    def estimate(self, segment: CompiledSegment, atoms: AtomRegistry, now: int,
+                 uids: Iterable[str], into: list[str]) -> None:
+        """Dry run: append the users of ``uids`` for whom ``segment`` holds at ``now``.
+
+        ``segment`` was compiled over the scratch registry ``atoms``: nothing is kept.
+        """
+        for uid in uids:
+            u = self.users.get(uid)
+            if u is not None:
+                ctx = ActorCtx(u, self, atoms)
+                holds, _ = segment.eval(ctx, now, u.session_starts)
+                if holds:
+                    into.append(uid)
+
+    def _check(self) -> None:
+        """Invariants: every actor with a deadline has a heap entry at that instant."""
+        entries = set(self.deadlines._heap)
+        for u in self.users.values():
+            assert u.deadline is None or (u.deadline, u.uid) in entries
