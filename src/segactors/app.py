@@ -9,6 +9,8 @@ from typing import Any
 
 import msgspec
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
@@ -344,7 +346,11 @@ def create_app(config: Config | None = None, server: Server | None = None) -> St
         Route(base + "/changes", changes),
         WebSocketRoute(base + "/stream", stream),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan,
+    # In-app clients call `track` and `users/{uid}/segments` from other origins.
+    cors = Middleware(CORSMiddleware, allow_origins=list(srv.config.cors_origins),
+                      allow_methods=["GET", "POST", "OPTIONS"],
+                      allow_headers=["Authorization", "Content-Type"])
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[cors],
                     exception_handlers={404: not_found, 405: method_not_allowed})
     app.state.server = srv
     return app

@@ -181,7 +181,7 @@ class DidNot(Node):
 
 
 def _numbers(vals: list[Any]) -> list[float]:
-    return [v for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return [v for v in vals if type(v) is float or type(v) is int]
 
 
 def _aggregate(fn: str, vals: list[Any]) -> float | None:
@@ -242,11 +242,15 @@ class DidThenNot(Node):
         # Only an `a` with a.ts + within <= now can qualify: those are ts[i:k].
         k = max(i, min(j, bisect_right(ts, now - within)))
         holds = False
-        for a in ts[i:k]:
+        n_nots = len(nots)
+        while i < k:
+            a = ts[i]
             b = bisect_right(nots, a)
-            if b == len(nots) or nots[b] > a + within:
+            if b == n_nots or nots[b] > a + within:
                 holds = True
                 break
+            # Every later `a` before nots[b] meets nots[b] within `within` too: skip them.
+            i = bisect_left(ts, nots[b], i + 1, k)
         nxt = min(self.win.next(ts, now), next_crossing(ts, now, (within,)))
         return holds, nxt
 
