@@ -434,7 +434,10 @@ class Server:
         for system in self.systems.values():
             out, m = system.tick(now, limit=self.config.backfill_slice)
             self._emit(system, out)
-            self.logs[system.id].trim(now)
+            dropped = self.logs[system.id].trim(now)
+            if dropped:
+                self.store.write([("DELETE FROM changes WHERE system=? AND seq<=?",
+                                   [(system.id, dropped)])])
             more = more or m
         self.last_tick = now
         return more
