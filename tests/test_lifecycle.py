@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 from starlette.testclient import TestClient
 
-from conftest import FakeClock, make_client
+from conftest import FakeClock
+from segactors.config import Config
+from segactors.server import Server
+from segactors.supervisor import Status
+from segactors.wire import EventIn
 from test_time import new_segment, send, wait_for
 
 
@@ -58,21 +63,27 @@ def test_estimate_counts_members_of_an_unsaved_definition(
     assert client.get("/v1/systems/shop").json() == before
 
 
-def test_ingestion_is_acknowledged_while_a_segment_is_computed_over_100k_users(
+async def test_ingestion_is_acknowledged_while_a_segment_is_computed_over_100k_users(
         tmp_path: Path, clock: FakeClock) -> None:
-    with make_client(tmp_path, clock, backfill_slice=500) as client:
-        assert client.post("/v1/systems", json={"id": "shop"}).status_code == 201
+    srv = Server(Config(data_dir=tmp_path, root_token="t", clock=clock, backfill_slice=100))
+    await srv.start(background=False)
+    try:
+        system = await srv.create_system("shop")
         for start in range(0, 100_000, 10_000):
-            send(client, *({"user_id": f"u{i:06d}", "name": "view", "ts": clock.now}
-                           for i in range(start, start + 10_000)))
-        r = client.post("/v1/systems/shop/segments", json={
-            "name": "viewers", "rules": [{"kind": "did", "event": "view"}]})
-        seg = r.json()["id"]
-        # Acknowledged while the first computation is still running...
-        send(client, {"user_id": "late", "name": "view", "ts": clock.now})
-        send(client, {"user_id": "u000001", "name": "view", "ts": clock.now})
-        assert client.get(f"/v1/systems/shop/segments/{seg}").json()["status"] == "pending"
-        wait_for(lambda: client.get(f"/v1/systems/shop/segments/{seg}").json()["status"]
-                 == "active", timeout=60)
+            await srv.ingest_events(system, [EventIn(f"u{i:06d}", "view", clock.now)
+                                             for i in range(start, start + 10_000)])
+        seg = await srv.create_segment(system, {"name": "viewers", "rules": [
+            {"kind": "did", "event": "view"}]})
+        backfill = asyncio.create_task(srv.run_backfills())
+        await asyncio.sleep(0)
+        assert seg.status is Status.PENDING
+        late = [EventIn("late", "view", clock.now), EventIn("u000001", "view", clock.now)]
+        assert await srv.ingest_events(system, late) == (2, 0)
+        # Acknowledged while the first computation was still running...
+        assert seg.status is Status.PENDING
+        await asyncio.wait_for(backfill, 60)
         # ...and counted once it is done.
-        assert client.get(f"/v1/systems/shop/segments/{seg}").json()["size"] == 100_001
+        assert seg.status is Status.ACTIVE
+        assert len(seg.members) == 100_001
+    finally:
+        await srv.stop()
