@@ -24,7 +24,9 @@ from segactors.errors import (
 from segactors.server import Server, count_rules, user_token
 from segactors.supervisor import Change, Segment, System
 from segactors.timefmt import format_ts
-from segactors.wire import EventIn, ProfileIn, SegmentPatch, SystemIn, decode_any, decode_items
+from segactors.wire import (
+    EventIn, ProfileIn, SegmentPatch, SystemIn, WebhookIn, decode_any, decode_items,
+)
 
 _enc = msgspec.json.Encoder()
 
@@ -190,11 +192,28 @@ async def system_get(request: Request) -> Response:
     return JSON(system_json(system))
 
 
+def event_problem(srv: Server, now: int) -> Callable[[EventIn], str | None]:
+    """What ``Server.ingest_events`` would reject in a well-typed event (its ``ts``)."""
+
+    def check(e: EventIn) -> str | None:
+        problem = srv._check_ts(e.ts, now)[1]
+        return None if problem is None else f"ts: {problem}"
+
+    return check
+
+
+def profile_problem(p: ProfileIn) -> str | None:
+    """What ``Server.ingest_profiles`` would reject in a well-typed update."""
+    bad = [k for k in p.props if k in ("first_seen", "last_seen")]
+    return f"{bad[0]!r} is read-only" if bad else None
+
+
 @route
 async def events(request: Request) -> Response:
     srv, system = need_system(request, write_ok=True)
     body = await body_of(request, srv)
-    items, _ = decode_items(body, EventIn, srv.config.max_depth, srv.config.max_batch)
+    items, _ = decode_items(body, EventIn, srv.config.max_depth, srv.config.max_batch,
+                            event_problem(srv, srv.clock()))
     accepted, dups = await srv.ingest_events(system, items)
     return JSON({"accepted": accepted, "duplicates": dups}, status_code=202)
 
@@ -203,7 +222,8 @@ async def events(request: Request) -> Response:
 async def profiles(request: Request) -> Response:
     srv, system = need_system(request, write_ok=True)
     body = await body_of(request, srv)
-    items, _ = decode_items(body, ProfileIn, srv.config.max_depth, srv.config.max_batch)
+    items, _ = decode_items(body, ProfileIn, srv.config.max_depth, srv.config.max_batch,
+                            profile_problem)
     accepted = await srv.ingest_profiles(system, items)
     return JSON({"accepted": accepted, "duplicates": 0}, status_code=202)
 
@@ -306,6 +326,29 @@ async def changes(request: Request) -> Response:
     return JSON({"changes": [change_json(c) for c in got], "next": nxt})
 
 
+@route
+async def webhooks(request: Request) -> Response:
+    srv, system = need_system(request)
+    if request.method == "GET":
+        return JSON([h.public() for h in srv.webhooks.hooks.values() if h.system == system.id])
+    try:
+        spec = msgspec.convert(await json_of(request, srv), WebhookIn)
+    except msgspec.ValidationError as e:
+        raise Invalid(f"invalid webhook: {e}") from None
+    hook = await srv.create_webhook(system, spec.url, spec.segments)
+    return JSON(hook.public(), status_code=201)
+
+
+@route
+async def webhook_one(request: Request) -> Response:
+    srv, system = need_system(request)
+    hook = srv.webhook(system, request.path_params["hid"])
+    if request.method == "DELETE":
+        await srv.delete_webhook(system, hook)
+        return Response(status_code=204)
+    return JSON(hook.public())
+
+
 async def not_found(request: Request, exc: Exception) -> Response:
     return error_response(NotFound("no such route"))
 
@@ -344,6 +387,8 @@ def create_app(config: Config | None = None, server: Server | None = None) -> St
         Route(base + "/users/{uid}", user_get),
         Route(base + "/users/{uid}/segments", user_segments),
         Route(base + "/changes", changes),
+        Route(base + "/webhooks", webhooks, methods=["GET", "POST"]),
+        Route(base + "/webhooks/{hid}", webhook_one, methods=["GET", "DELETE"]),
         WebSocketRoute(base + "/stream", stream),
     ]
     # In-app clients call `track` and `users/{uid}/segments` from other origins.

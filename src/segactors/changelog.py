@@ -17,18 +17,23 @@ class ChangeLog:
         self._items: list[Change] = []
         self._start = 0  # Index in _items of the oldest retained change.
         self.dropped_upto = 0  # Every seq <= this is gone.
-        self.last_seq = 0
+        self.last_seq = 0  # Highest seq assigned.
+        self.published = 0  # Highest seq durable and pushed; readers see up to here.
 
     def restore(self, change: Change) -> None:
         if not self._items and not self._start:
             self.dropped_upto = change.seq - 1
         self._items.append(change)
-        self.last_seq = change.seq
+        self.last_seq = self.published = change.seq
 
     def extend(self, changes: list[Change]) -> None:
         self._items.extend(changes)
         if changes:
             self.last_seq = changes[-1].seq
+
+    def mark_published(self, seq: int) -> None:
+        if seq > self.published:
+            self.published = seq
 
     def __len__(self) -> int:
         return len(self._items) - self._start
@@ -53,10 +58,14 @@ class ChangeLog:
 
     def since(self, seq: int, limit: int | None = None,
               segments: set[str] | None = None) -> list[Change]:
-        """Retained changes with ``seq > since``, in order; ``Gone`` if some were dropped."""
+        """Published changes with ``seq > since``, in order; ``Gone`` if some were dropped.
+
+        A change assigned but not yet durable is not shown: it is pushed once it is.
+        """
         if seq < self.dropped_upto:
             raise Gone(f"changes after seq {seq} are no longer retained; re-list members")
-        if seq >= self.last_seq:
+        top = self.published
+        if seq >= top:
             return []
         first = self._items[self._start].seq if len(self) else self.last_seq + 1
         i = self._start + max(0, seq + 1 - first)
@@ -64,6 +73,8 @@ class ChangeLog:
         items = self._items
         while i < len(items) and (limit is None or len(out) < limit):
             c = items[i]
+            if c.seq > top:
+                break
             if segments is None or c.segment in segments:
                 out.append(c)
             i += 1

@@ -32,6 +32,7 @@ class Config:
     change_retention_count: int | None = None
     synchronous: str = "FULL"
     webhook_hosts: tuple[str, ...] | None = None
+    webhook_first_backoff: float = 1.0
     cors_origins: tuple[str, ...] = ("*",)
     subscriber_queue: int = 10_000
     clock: Callable[[], int] = wall_clock

@@ -21,6 +21,7 @@ from segactors.config import Config
 from segactors.definition import Definition, Limits, parse_definition, to_json
 from segactors.errors import Conflict, Invalid, NotFound
 from segactors.hub import Hub
+from segactors.webhooks import Deliverer, Webhook, check_url
 from segactors.rules.compile import AtomRegistry, compile_definition
 from segactors.store import Op, Store, rows
 from segactors.supervisor import Change, Segment, Status, System, new_key
@@ -39,6 +40,7 @@ INSERT_CHANGE = (
 )
 ENTER = "INSERT OR IGNORE INTO members (system, segment, user_id) VALUES (?,?,?)"
 LEAVE = "DELETE FROM members WHERE system=? AND segment=? AND user_id=?"
+SAVE_WEBHOOK = "INSERT OR REPLACE INTO webhooks (system, id, body, last_seq) VALUES (?,?,?,?)"
 SAVE_SEGMENT = "INSERT OR REPLACE INTO segments (system, id, idx, body) VALUES (?,?,?,?)"
 CLOCK = "INSERT OR REPLACE INTO meta (key, value) VALUES ('clock', ?)"
 
@@ -64,6 +66,9 @@ class Server:
         self.by_write_key: dict[str, str] = {}
         self.root_token = ""
         self.hub = Hub()
+        self.webhooks = Deliverer(lambda sid: self.logs[sid], self._save_webhook,
+                                  first_backoff=config.webhook_first_backoff)
+        self._loaded_hooks: list[Webhook] = []
         self._backfills: deque[tuple[System, Segment]] = deque()
         self._backfill_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -76,6 +81,8 @@ class Server:
         await self.store.open()
         self._load()
         if background:
+            for hook in self._loaded_hooks:
+                self.webhooks.start(hook)
             self._tasks.append(asyncio.create_task(self._ticker(), name="segactors-ticker"))
             self._tasks.append(asyncio.create_task(self._backfiller(), name="segactors-backfill"))
 
@@ -88,6 +95,7 @@ class Server:
             except asyncio.CancelledError:
                 pass
         self._tasks.clear()
+        await self.webhooks.close()
         await self.store.close()
 
     def _load_root_token(self) -> None:
@@ -134,6 +142,11 @@ class Server:
                 seg = self.systems[sid].segments.get(seg_id)
                 if seg is not None:
                     seg.members.add(uid)
+            for sid, hid, body, last_seq in rows(con, "SELECT * FROM webhooks"):
+                b = msgspec.json.decode(body)
+                self._loaded_hooks.append(Webhook(hid, sid, b["url"], b["segments"],
+                                                  b["signing_secret"], b["created_at"],
+                                                  last_seq))
             for sid, seq, seg_id, uid, change, at in rows(
                 con, "SELECT system, seq, segment, user_id, change, at FROM changes "
                      "ORDER BY system, seq"
@@ -295,7 +308,9 @@ class Server:
     def _publish(self, sid: str, changes: list[Change], fut: asyncio.Future[None]) -> None:
         if fut.cancelled() or fut.exception() is not None:
             return
+        self.logs[sid].mark_published(changes[-1].seq)
         self.hub.publish(sid, changes)
+        self.webhooks.notify(sid)
 
     # Segments
 
@@ -424,6 +439,38 @@ class Server:
             system.estimate(compiled, scratch, now, uids[i:i + step], found)
             await asyncio.sleep(0)
         return len(found), sorted(found)[:sample]
+
+    # Webhooks
+
+    def _save_webhook(self, hook: Webhook) -> asyncio.Future[None]:
+        return self.store.write([(SAVE_WEBHOOK, [hook.row()])])
+
+    async def create_webhook(self, system: System, url: str,
+                             segments: list[str] | str) -> Webhook:
+        check_url(url, self.config.webhook_hosts)
+        if segments != "*":
+            if not isinstance(segments, list):
+                raise Invalid("'segments' is a list of segment ids or '*'")
+            unknown = [s for s in segments if s not in system.segments]
+            if unknown:
+                raise Invalid(f"unknown segment {unknown[0]!r}")
+        # A new sink starts at the current end of the log: it receives what changes next.
+        hook = Webhook("wh_" + secrets.token_hex(6), system.id, url, segments,
+                       secrets.token_urlsafe(32), self.clock(), self.logs[system.id].published)
+        await self._save_webhook(hook)
+        self.webhooks.start(hook)
+        return hook
+
+    def webhook(self, system: System, hid: str) -> Webhook:
+        hook = self.webhooks.hooks.get(hid)
+        if hook is None or hook.system != system.id:
+            raise NotFound(f"unknown webhook {hid!r}")
+        return hook
+
+    async def delete_webhook(self, system: System, hook: Webhook) -> None:
+        await self.webhooks.stop(hook)
+        await self.store.write([("DELETE FROM webhooks WHERE system=? AND id=?",
+                                 [(system.id, hook.id)])])
 
     # Time
 

@@ -33,6 +33,9 @@ CREATE TABLE IF NOT EXISTS profiles (system TEXT NOT NULL, user_id TEXT NOT NULL
 CREATE TABLE IF NOT EXISTS changes (
     system TEXT NOT NULL, seq INTEGER NOT NULL, segment TEXT NOT NULL, user_id TEXT NOT NULL,
     change TEXT NOT NULL, at INTEGER NOT NULL, PRIMARY KEY (system, seq));
+CREATE TABLE IF NOT EXISTS webhooks (
+    system TEXT NOT NULL, id TEXT NOT NULL, body BLOB NOT NULL, last_seq INTEGER NOT NULL,
+    PRIMARY KEY (system, id));
 CREATE TABLE IF NOT EXISTS members (
     system TEXT NOT NULL, segment TEXT NOT NULL, user_id TEXT NOT NULL,
     PRIMARY KEY (system, segment, user_id)) WITHOUT ROWID;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Union
 
 import msgspec
@@ -74,12 +75,13 @@ def decode_any(body: bytes, max_depth: int) -> Any:
     return obj
 
 
-def decode_items(body: bytes, kind: type[Struct], max_depth: int,
-                 max_items: int) -> tuple[list[Any], bool]:
+def decode_items(body: bytes, kind: type[Struct], max_depth: int, max_items: int,
+                 check: Callable[[Any], str | None] | None = None) -> tuple[list[Any], bool]:
     """A single item or a batch, typed. Returns (items, was_batch).
 
     The fast path is one typed decode. When it fails, the body is decoded untyped to tell
-    400 from 422 and to name every bad index.
+    400 from 422 and to name every bad index: ``check`` (why a well-typed item breaks the
+    contract, or None) runs on the items that decode, so their problems are named too.
     """
     decoder = _EVENTS if kind is EventIn else _PROFILES
     try:
@@ -104,7 +106,11 @@ def decode_items(body: bytes, kind: type[Struct], max_depth: int,
     details = []
     for i, item in enumerate(obj if batch else [obj]):
         try:
-            msgspec.convert(item, kind)
+            typed = msgspec.convert(item, kind)
         except msgspec.ValidationError as e:
             details.append({"index": i, "message": str(e)})
+            continue
+        problem = check(typed) if check is not None else None
+        if problem is not None:
+            details.append({"index": i, "message": problem})
     raise Invalid("invalid item(s); nothing was accepted", details)
