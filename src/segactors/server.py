@@ -244,23 +244,30 @@ class Server:
                 ids.add(e.id)  # Reserved now, so a concurrent request sees it as a duplicate.
                 reserved.append(e.id)
             fresh.append((e, ts))
-        rows_ = [(system.id, e.user_id, e.name, ts, e.id, e.session_id,
-                  _json.encode(e.props) if e.props else None) for e, ts in fresh]
-        try:
-            await self.store.write([(INSERT_EVENT, rows_), (CLOCK, [(str(now),)])])
-        except Exception:
-            ids.difference_update(reserved)
-            raise
+        # Events are applied, then committed together with the changes they cause, in
+        # chunks whose commits queue in seq order; the 202 waits for every chunk.
+        futs = []
         out: list[Change] = []
+        chunk: list[tuple[Any, ...]] = []
         now = self.clock()
         for k, (e, ts) in enumerate(fresh):
             system.apply_event(e.user_id, e.name, ts, e.props, e.session_id, now, out)
+            chunk.append((system.id, e.user_id, e.name, ts, e.id, e.session_id,
+                          _json.encode(e.props) if e.props else None))
             if k % 2000 == 1999:
-                self._emit(system, out)
-                out = []
+                futs.append(self._emit(system, out, [(INSERT_EVENT, chunk)]))
+                out, chunk = [], []
                 await asyncio.sleep(0)
-        self._emit(system, out)
+        futs.append(self._emit(system, out, [(INSERT_EVENT, chunk)]))
+        await self._durable(futs)
         return len(fresh), len(items) - len(fresh)
+
+    async def _durable(self, futs: list[asyncio.Future[None]]) -> None:
+        """Wait for every write; the first failure (503) is raised once all have settled."""
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
 
     async def ingest_profiles(self, system: System, items: list[ProfileIn]) -> int:
         details = []
@@ -270,40 +277,35 @@ class Server:
                 details.append({"index": i, "message": f"{bad[0]!r} is read-only"})
         if details:
             raise Invalid("invalid profile update(s); nothing was accepted", details)
-        now = self.clock()
-        await self.store.write([
-            (INSERT_PROFILE, [(system.id, p.user_id, _json.encode(p.props)) for p in items]),
-            (CLOCK, [(str(now),)]),
-        ])
         out: list[Change] = []
         now = self.clock()
         for p in items:
             system.apply_profile(p.user_id, p.props, now, out)
-        self._emit(system, out)
+        rows_ = [(system.id, p.user_id, _json.encode(p.props)) for p in items]
+        await self._durable([self._emit(system, out, [(INSERT_PROFILE, rows_)])])
         return len(items)
 
     # Changes
 
-    def _emit(self, system: System, changes: list[Change]) -> None:
-        """Log changes, persist them with the members they imply, then push once durable."""
-        if not changes:
-            return
-        self.logs[system.id].extend(changes)
+    def _emit(self, system: System, changes: list[Change],
+              ops: list[Op] | None = None) -> asyncio.Future[None]:
+        """Log changes and persist them (with ``ops`` and the members they imply) in one
+        commit; push them once durable. Returns the commit's future."""
+        ops = list(ops or [])
         sid = system.id
-        enters = [(sid, c.segment, c.user_id) for c in changes if c.change == "enter"]
-        leaves = [(sid, c.segment, c.user_id) for c in changes if c.change == "leave"]
-        ops: list[Op] = [
-            (INSERT_CHANGE, [(sid, c.seq, c.segment, c.user_id, c.change, c.at) for c in changes])
-        ]
-        # Enter and leave of one user in one batch must apply in order.
-        if enters and leaves:
-            ops = ops + [(ENTER if c.change == "enter" else LEAVE, [(sid, c.segment, c.user_id)])
-                         for c in changes]
-        else:
-            ops += [(ENTER, enters), (LEAVE, leaves)]
+        if changes:
+            self.logs[sid].extend(changes)
+            ops.append((INSERT_CHANGE, [(sid, c.seq, c.segment, c.user_id, c.change, c.at)
+                                        for c in changes]))
+            # The stored membership follows the last change of each (segment, user).
+            final = {(c.segment, c.user_id): c.change for c in changes}
+            ops.append((ENTER, [(sid, g, u) for (g, u), ch in final.items() if ch == "enter"]))
+            ops.append((LEAVE, [(sid, g, u) for (g, u), ch in final.items() if ch == "leave"]))
         ops.append((CLOCK, [(str(self.clock()),)]))
         fut = self.store.write(ops)
-        fut.add_done_callback(lambda f: self._publish(sid, changes, f))
+        if changes:
+            fut.add_done_callback(lambda f: self._publish(sid, changes, f))
+        return fut
 
     def _publish(self, sid: str, changes: list[Change], fut: asyncio.Future[None]) -> None:
         if fut.cancelled() or fut.exception() is not None:
