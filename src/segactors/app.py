@@ -21,6 +21,7 @@ from segactors.errors import (
     BadJSON, Forbidden, Invalid, NotFound, SegactorsError, TooLarge, Unauthorized,
     UnsupportedMediaType,
 )
+from segactors.export import members_csv, members_xlsx, report
 from segactors.server import Server, count_rules, user_token
 from segactors.supervisor import Change, Segment, System
 from segactors.timefmt import format_ts
@@ -273,6 +274,30 @@ async def members(request: Request) -> Response:
 
 
 @route
+async def export(request: Request) -> Response:
+    srv, system = need_system(request)
+    seg = srv.segment(system, request.path_params["seg"])
+    fmt = request.query_params.get("format", "csv")
+    stem = f"{system.id}-{seg.id}-members"
+    if fmt == "csv":
+        data, media = members_csv(seg.members), "text/csv; charset=utf-8"
+    elif fmt == "xlsx":
+        data = members_xlsx(seg.members)
+        media = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+    else:
+        raise Invalid("'format' is csv or xlsx")
+    return Response(data, media_type=media, headers={
+        "Content-Disposition": f'attachment; filename="{stem}.{fmt}"'})
+
+
+@route
+async def segment_report(request: Request) -> Response:
+    srv, system = need_system(request)
+    seg = srv.segment(system, request.path_params["seg"])
+    return JSON(report(seg, srv.logs[system.id], srv.clock()))
+
+
+@route
 async def estimate(request: Request) -> Response:
     srv, system = need_system(request)
     users, sample = await srv.estimate(system, await json_of(request, srv))
@@ -383,6 +408,8 @@ def create_app(config: Config | None = None, server: Server | None = None) -> St
         Route(base + "/segments", segments, methods=["GET", "POST"]),
         Route(base + "/segments/{seg}", segment_one, methods=["GET", "PATCH", "DELETE"]),
         Route(base + "/segments/{seg}/members", members),
+        Route(base + "/segments/{seg}/export", export),
+        Route(base + "/segments/{seg}/report", segment_report),
         Route(base + "/estimate", estimate, methods=["POST"]),
         Route(base + "/users/{uid}", user_get),
         Route(base + "/users/{uid}/segments", user_segments),
