@@ -10,7 +10,9 @@ from bisect import bisect_right
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from segactors.rules.evaluate import NEVER, Matches, seen_props, sorted_insert
+from segactors.rules.evaluate import (
+    NEVER, Matches, seen_props, sorted_insert, unanswered, unanswered_add_a, unanswered_add_not,
+)
 
 if TYPE_CHECKING:
     from segactors.rules.compile import AtomRegistry
@@ -42,8 +44,10 @@ class UserActor:
             if first is None or ts < first:
                 self.sessions[sid] = ts
         changed = []
-        for atom in system.atoms.by_event.get(name, ()):
-            m = self.matches.get(atom.id)
+        registry = system.atoms
+        matches = self.matches
+        for atom in registry.by_event.get(name, ()):
+            m = matches.get(atom.id)
             if m is None:
                 changed.append(atom.id)  # Built lazily, from `events`, when first read.
                 continue
@@ -51,6 +55,14 @@ class UserActor:
             atom.record(m, ts, props, sid)
             if len(m.ts) != before:
                 changed.append(atom.id)
+                for pair in registry.pairs_by_atom.get(atom.id, ()):
+                    good = matches.get(pair.id)
+                    if good is None:
+                        continue
+                    if pair.not_ == atom.id:
+                        unanswered_add_not(good.ts, ts, pair.within)
+                    if pair.a == atom.id:
+                        unanswered_add_a(good.ts, matches[pair.not_].ts, ts, pair.within)
         return changed
 
     def session_starts(self) -> dict[str, int]:
@@ -87,6 +99,18 @@ class ActorCtx:
                     atom.record(got, ts, props, sid)
             self._kept[atom_id] = got
         return got
+
+    def unanswered(self, pair_id: int) -> list[int] | None:
+        """The kept list of a ``did_then_not`` pair, built on first use. Dry runs scan."""
+        if self._scratch is not None:
+            return None
+        got = self._kept.get(pair_id)
+        if got is None:
+            pair = self.system.atoms.by_id[pair_id]
+            got = Matches(False, False)
+            got.ts = unanswered(self.m(pair.a).ts, self.m(pair.not_).ts, pair.within)
+            self._kept[pair_id] = got
+        return got.ts
 
     def profile(self, now: int) -> Mapping[str, Any]:
         if self._profile is None or self._profile_at != now:

@@ -37,13 +37,36 @@ class Atom:
             m.insert(ts, val, sid)
 
 
+@dataclass(eq=False)
+class Pair:
+    """Derived state of ``did_then_not``: the ``a`` events no ``not`` answered in time."""
+
+    id: int
+    a: int
+    not_: int
+    within: int
+
+
 class AtomRegistry:
     """Atoms of one system, shared between segments, indexed by event name."""
 
     def __init__(self) -> None:
         self.by_key: dict[Any, Atom] = {}
-        self.by_id: list[Atom] = []
+        self.by_id: list[Any] = []  # Atoms and Pairs share one id space.
         self.by_event: dict[str, list[Atom]] = {}
+        self.pairs: dict[tuple[int, int, int], Pair] = {}
+        self.pairs_by_atom: dict[int, list[Pair]] = {}
+
+    def pair(self, a: int, not_: int, within: int) -> Pair:
+        key = (a, not_, within)
+        got = self.pairs.get(key)
+        if got is None:
+            got = self.pairs[key] = Pair(len(self.by_id), a, not_, within)
+            self.by_id.append(got)
+            self.pairs_by_atom.setdefault(a, []).append(got)
+            if not_ != a:
+                self.pairs_by_atom.setdefault(not_, []).append(got)
+        return got
 
     def get(self, event: str, where: list[d.Filter], value_prop: str | None, sids: bool) -> Atom:
         key = (event, msgspec.json.encode(where), value_prop, sids)
@@ -136,9 +159,11 @@ class _Compiler:
         if isinstance(r, d.FirstDid):
             return ev.FirstDid(self.atom(r.event, r.where), self.win(r.window))
         if isinstance(r, d.DidThenNot):
-            return ev.DidThenNot(self.atom(r.event, r.where), self.win(r.window),
-                                 self.atom(r.then_not.event, r.then_not.where),
-                                 parse_duration(r.within))
+            a = self.atom(r.event, r.where)
+            not_ = self.atom(r.then_not.event, r.then_not.where)
+            within = parse_duration(r.within)
+            pair = self.registry.pair(a, not_, within)
+            return ev.DidThenNot(a, self.win(r.window), not_, within, pair.id)
         if isinstance(r, d.Sequence):
             within = None if isinstance(r.within, UnsetType) else parse_duration(r.within)
             return ev.Sequence([self.atom(s.event, s.where) for s in r.steps],

@@ -76,6 +76,8 @@ class Ctx(Protocol):
 
     def m(self, atom: int) -> Matches: ...
 
+    def unanswered(self, pair: int) -> list[int] | None: ...
+
     def profile(self, now: int) -> Mapping[str, Any]: ...
 
     def member(self, segment: str) -> bool: ...
@@ -228,16 +230,52 @@ class FirstDid(Node):
         return self.win.contains(first, now), self.win.next(ts[:1], now)
 
 
-class DidThenNot(Node):
-    __slots__ = ("atom", "win", "then_not", "within")
+def unanswered(a_ts: list[int], not_ts: list[int], within: int) -> list[int]:
+    """The ``a`` timestamps with no ``not`` in ``(a, a + within]``. O(len(a) + len(not))."""
+    out = []
+    j, n = 0, len(not_ts)
+    for a in a_ts:
+        while j < n and not_ts[j] <= a:
+            j += 1
+        if j == n or not_ts[j] > a + within:
+            out.append(a)
+    return out
 
-    def __init__(self, atom: int, win: Window, then_not: int, within: int) -> None:
+
+def unanswered_add_a(good: list[int], not_ts: list[int], t: int, within: int) -> None:
+    """Keep ``good`` = unanswered(...) after an ``a`` at ``t`` arrives. O(log n)."""
+    b = bisect_right(not_ts, t)
+    if b == len(not_ts) or not_ts[b] > t + within:
+        sorted_insert(good, t)
+
+
+def unanswered_add_not(good: list[int], t: int, within: int) -> None:
+    """A ``not`` at ``t`` answers every ``a`` in ``[t - within, t)``. O(log n + removed)."""
+    lo = bisect_left(good, t - within)
+    hi = bisect_left(good, t, lo)
+    del good[lo:hi]
+
+
+class DidThenNot(Node):
+    """Reads the maintained list of unanswered ``a`` events when the context keeps one
+    (O(log n)); otherwise scans (O(min(a, not)) bisects, used for session scope)."""
+
+    __slots__ = ("atom", "win", "then_not", "within", "pair", "offsets")
+
+    def __init__(self, atom: int, win: Window, then_not: int, within: int, pair: int) -> None:
         self.atom, self.win, self.then_not, self.within = atom, win, then_not, within
+        self.pair = pair
+        self.offsets = win.offsets + (within,)
 
     def eval(self, ctx: Ctx, now: int) -> Result:
+        within = self.within
+        good = ctx.unanswered(self.pair)
+        if good is not None:
+            i, j = self.win.span(good, now)
+            holds = min(j, bisect_right(good, now - within)) > i
+            return holds, next_crossing(good, now, self.offsets)
         ts = ctx.m(self.atom).ts
         nots = ctx.m(self.then_not).ts
-        within = self.within
         i, j = self.win.span(ts, now)
         # Only an `a` with a.ts + within <= now can qualify: those are ts[i:k].
         k = max(i, min(j, bisect_right(ts, now - within)))
@@ -428,6 +466,9 @@ class SessionCtx:
         if got is None:
             got = self.cache[atom] = self.base.m(atom).only_session(self.sid)
         return got
+
+    def unanswered(self, pair: int) -> list[int] | None:
+        return None  # Session scope scans its own events.
 
     def profile(self, now: int) -> Mapping[str, Any]:
         return self.base.profile(now)
