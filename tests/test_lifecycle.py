@@ -87,3 +87,16 @@ async def test_ingestion_is_acknowledged_while_a_segment_is_computed_over_100k_u
         assert len(seg.members) == 100_001
     finally:
         await srv.stop()
+
+
+def test_a_segment_depending_on_two_that_change_together_is_evaluated_once(
+        client: TestClient, shop: dict[str, str], clock: FakeClock) -> None:
+    a = new_segment(client, {"name": "a", "rules": [{"kind": "did", "event": "buy"}]})
+    b = new_segment(client, {"name": "b", "rules": [{"kind": "did", "event": "buy",
+                                                     "count": {"op": "gte", "value": 1}}]})
+    c = new_segment(client, {"name": "c", "match": "any", "rules": [
+        {"kind": "in_segment", "segment": a}, {"kind": "in_segment", "segment": b}]})
+    send(client, {"user_id": "u1", "name": "buy", "ts": clock.now})
+    assert members(client, c) == ["u1"]
+    r = client.get("/v1/systems/shop/changes", params={"segment": c})
+    assert [(x["user_id"], x["change"]) for x in r.json()["changes"]] == [("u1", "enter")]

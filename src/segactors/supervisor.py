@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import heapq
+from bisect import insort
 import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,10 @@ from segactors.rules.compile import AtomRegistry, CompiledSegment, compile_built
 from segactors.rules.evaluate import NEVER
 
 BUILTINS = ("all-users", "test-users")
+
+
+def _idx(seg: Segment) -> int:
+    return seg.idx
 
 
 class Status(str, enum.Enum):
@@ -164,16 +169,13 @@ class System:
         instant any evaluated segment could change next.
         """
         ctx = ActorCtx(u, self)
-        heap = [(s.idx, s) for s in segs]
-        heapq.heapify(heap)
-        done: set[int] = set()
+        order = sorted(segs, key=_idx)
         nxt = NEVER
         uid = u.uid
-        while heap:
-            idx, seg = heapq.heappop(heap)
-            if idx in done:
-                continue
-            done.add(idx)
+        i = 0
+        while i < len(order):
+            seg = order[i]
+            i += 1
             if not seg.live_at(now):
                 continue
             try:
@@ -185,17 +187,22 @@ class System:
                 n = NEVER
             if n < nxt:
                 nxt = n
-            if holds == (uid in seg.members):
+            members = seg.members
+            if holds == (uid in members):
                 continue
             if holds:
-                seg.members.add(uid)
+                members.add(uid)
             else:
-                seg.members.discard(uid)
+                members.discard(uid)
             if seg.status is Status.ACTIVE:
                 self.seq += 1
                 out.append(Change(self.seq, seg.id, uid, "enter" if holds else "leave", at))
+            # Dependents come later in creation order; queue each once.
+            rest = order[i:]
             for dep in seg.dependents:
-                heapq.heappush(heap, (dep.idx, dep))
+                if dep not in rest:
+                    insort(order, dep, lo=i, key=_idx)
+                    rest = order[i:]
         return nxt
 
     def fail(self, seg: Segment, reason: str) -> None:

@@ -141,6 +141,8 @@ class _Compiler:
     def group(self, rules: list[d.Rule], match: d.Match) -> ev.Node:
         children = [self.rule(r) for r in rules]
         need, none = _need(match, len(children))
+        if len(children) == 1 and need == 1 and not none:
+            return children[0]  # "all"/"any"/at_least 1 of one rule is that rule.
         return ev.Group(children, need, none)
 
     def rule(self, r: d.Rule) -> ev.Node:  # noqa: C901 - one branch per rule kind
