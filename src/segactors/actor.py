@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Mapping
+from sys import intern
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from segactors.rules.evaluate import (
     NEVER, Matches, seen_props, sorted_insert, unanswered, unanswered_add_a, unanswered_add_not,
@@ -19,8 +22,22 @@ if TYPE_CHECKING:
     from segactors.supervisor import System
 
 
+_decode_props = msgspec.json.Decoder(dict[str, Any]).decode
+_NO_PROPS: dict[str, Any] = {}
+
+
+def props_of(raw: bytes | None) -> dict[str, Any]:
+    """Decode stored props (msgspec JSON bytes; None when there were none)."""
+    return _decode_props(raw) if raw else _NO_PROPS
+
+
 class UserActor:
-    """One user's state. ``events`` keeps raw events for segments created later."""
+    """One user's state. ``events`` keeps raw events for segments created later.
+
+    An event is kept as ``(ts, name, props, session_id)`` with ``props`` as the encoded
+    JSON bytes stored in SQLite (decoded only when a new atom is first built), and names
+    and session ids interned: about 150 bytes plus the props' length per event.
+    """
 
     __slots__ = ("uid", "props", "all_ts", "events", "matches", "deadline", "sessions")
 
@@ -28,16 +45,22 @@ class UserActor:
         self.uid = uid
         self.props: dict[str, Any] = {}
         self.all_ts: list[int] = []
-        # (ts, name, props, session_id) in arrival order.
-        self.events: list[tuple[int, str, dict[str, Any], str | None]] = []
+        # (ts, name, encoded props or None, session_id) in arrival order.
+        self.events: list[tuple[int, str, bytes | None, str | None]] = []
         self.matches: dict[int, Matches] = {}
         self.deadline: int | None = None
         self.sessions: dict[str, int] | None = None
 
-    def add_event(self, system: System, ts: int, name: str, props: dict[str, Any],
-                  sid: str | None) -> list[int]:
-        """Record an event; return the ids of atoms whose matches may have changed."""
-        self.events.append((ts, name, props, sid))
+    def add_event(self, system: System, ts: int, name: str, props: dict[str, Any] | None,
+                  raw: bytes | None, sid: str | None) -> list[int]:
+        """Record an event; return the ids of atoms whose matches may have changed.
+
+        ``props`` is the decoded form of ``raw``, or None to decode it only if needed.
+        """
+        name = intern(name)
+        if sid is not None:
+            sid = intern(sid)
+        self.events.append((ts, name, raw, sid))
         sorted_insert(self.all_ts, ts)
         if sid is not None and self.sessions is not None:
             first = self.sessions.get(sid)
@@ -52,6 +75,8 @@ class UserActor:
                 changed.append(atom.id)  # Built lazily, from `events`, when first read.
                 continue
             before = len(m.ts)
+            if props is None:
+                props = props_of(raw)
             atom.record(m, ts, props, sid)
             if len(m.ts) != before:
                 changed.append(atom.id)
@@ -94,9 +119,11 @@ class ActorCtx:
             registry = self._scratch if self._scratch is not None else self.system.atoms
             atom = registry.by_id[atom_id]
             got = atom.new_matches()
-            for ts, name, props, sid in self.actor.events:
-                if name == atom.event:
-                    atom.record(got, ts, props, sid)
+            event = atom.event
+            plain = atom.where is None and atom.value_prop is None
+            for ts, name, raw, sid in self.actor.events:
+                if name == event:
+                    atom.record(got, ts, _NO_PROPS if plain else props_of(raw), sid)
             self._kept[atom_id] = got
         return got
 

@@ -36,14 +36,20 @@ class Subscriber:
         self.system = system
         self.segments: set[str] = set()
         self.all_segments = False
-        self.users: set[str] = set()
+        # Live changes at or below a floor were already covered (replayed, or reflected in
+        # the snapshot the client was sent), so they are not pushed again.
+        self.floor = 0
+        self.users: dict[str, int] = {}  # Watched user -> floor.
         self.queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue()
         self.maxsize = maxsize
         self.state = SubState.OPEN
         self.sent_seq = 0  # Highest change seq handed to the socket.
 
     def wants(self, c: Change) -> bool:
-        return self.all_segments or c.segment in self.segments or c.user_id in self.users
+        if (self.all_segments or c.segment in self.segments) and c.seq > self.floor:
+            return True
+        floor = self.users.get(c.user_id)
+        return floor is not None and c.seq > floor
 
     def put(self, msg: bytes, seq: int = 0) -> None:
         if self.state is not SubState.OPEN:

@@ -130,8 +130,7 @@ class Server:
                      "FROM events ORDER BY rowid"
             ):
                 system = self.systems[sid]
-                system.load_event(uid, name, ts, msgspec.json.decode(props) if props else {},
-                                  sess)
+                system.load_event(uid, name, ts, props, sess)
                 if eid is not None:
                     system.event_ids.add(eid)
             for sid, uid, props in rows(
@@ -251,9 +250,9 @@ class Server:
         chunk: list[tuple[Any, ...]] = []
         now = self.clock()
         for k, (e, ts) in enumerate(fresh):
-            system.apply_event(e.user_id, e.name, ts, e.props, e.session_id, now, out)
-            chunk.append((system.id, e.user_id, e.name, ts, e.id, e.session_id,
-                          _json.encode(e.props) if e.props else None))
+            raw = _json.encode(e.props) if e.props else None
+            system.apply_event(e.user_id, e.name, ts, e.props, e.session_id, now, out, raw)
+            chunk.append((system.id, e.user_id, e.name, ts, e.id, e.session_id, raw))
             if k % 2000 == 1999:
                 futs.append(self._emit(system, out, [(INSERT_EVENT, chunk)]))
                 out, chunk = [], []

@@ -79,21 +79,26 @@ class Connection:
         if segs is None or since is False:
             return
         wanted = None if segs == "*" else set(segs)
+        log = self.srv.logs[self.sid]
         if since is not None:
             try:
-                replay = self.srv.logs[self.sid].since(int(since), None, wanted)
+                replay = log.since(int(since), None, wanted)
             except Gone as e:
                 self.sub.put(_error("gone", e.message))
                 return
             for c in replay:
                 self.sub.put(encode_change(c), c.seq)
-        # Nothing awaits between the replay and joining live: no gap, no duplicate.
+        # The log shows (and the hub pushes) only durable changes, so live changes begin
+        # after ``published``; nothing awaits between the replay and joining live: no gap,
+        # no duplicate. A ``since`` ahead of that (a members listing's ``seq``, which counts
+        # changes still being written) is honoured: those are not pushed again.
+        seq = max(log.published, since or 0)
+        self.sub.floor = max(self.sub.floor, seq)
         if wanted is None:
             self.sub.all_segments = True
         else:
             self.sub.segments |= wanted
-        system = self.srv.systems[self.sid]
-        self.send({"type": "subscribed", "segments": segs, "seq": system.seq})
+        self.send({"type": "subscribed", "segments": segs, "seq": seq})
 
     def watch_user(self, msg: dict[str, Any]) -> None:
         uid, token = msg.get("user_id"), msg.get("user_token")
@@ -110,22 +115,30 @@ class Connection:
         since = self._since(msg)
         if since is False:
             return
-        self.send({"type": "memberships", "user_id": uid,
-                   "segments": system.user_segments(uid), "seq": system.seq})
+        log = self.srv.logs[self.sid]
         if since is not None:
             try:
-                replay = self.srv.logs[self.sid].since(int(since))
+                replay = log.since(int(since))
             except Gone as e:
                 self.sub.put(_error("gone", e.message))
                 return
-            for c in replay:
-                if c.user_id == uid:
-                    self.sub.put(encode_change(c), c.seq)
-        self.sub.users.add(uid)
+        self.send({"type": "memberships", "user_id": uid,
+                   "segments": system.user_segments(uid), "seq": system.seq})
+        if since is None:
+            # The snapshot reflects every change up to ``system.seq``, durable or not yet.
+            self.sub.users[uid] = system.seq
+            return
+        for c in replay:
+            if c.user_id == uid:
+                self.sub.put(encode_change(c), c.seq)
+        self.sub.users[uid] = max(log.published, since)
 
     def unsubscribe(self, msg: dict[str, Any]) -> None:
         if "user_id" in msg:
-            self.sub.users.discard(msg["user_id"])
+            if not isinstance(msg["user_id"], str):
+                self.sub.put(_error("bad_message", "'user_id' is a string"))
+                return
+            self.sub.users.pop(msg["user_id"], None)
             self.send({"type": "unsubscribed", "user_id": msg["user_id"]})
             return
         segs = msg.get("segments")

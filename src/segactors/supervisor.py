@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 from sortedcontainers import SortedSet
 
 from segactors.actor import ActorCtx, UserActor
@@ -250,13 +251,13 @@ class System:
     def next_deadline(self) -> int | None:
         return self.deadlines.peek()
 
-    def load_event(self, uid: str, name: str, ts: int, props: dict[str, Any],
+    def load_event(self, uid: str, name: str, ts: int, raw: bytes | None,
                    sid: str | None) -> None:
         """Restore a stored event without evaluating anything (start-up)."""
         u = self.users.get(uid)
         if u is None:
             u = self.users[uid] = UserActor(uid)
-        u.add_event(self, ts, name, props, sid)
+        u.add_event(self, ts, name, None, raw, sid)
         self.events += 1
 
     def load_profile(self, uid: str, props: dict[str, Any]) -> None:
@@ -278,11 +279,14 @@ class System:
         return u, False
 
     def apply_event(self, uid: str, name: str, ts: int, props: dict[str, Any],
-                    sid: str | None, now: int, out: list[Change]) -> None:
+                    sid: str | None, now: int, out: list[Change],
+                    raw: bytes | None = None) -> None:
         """Route one accepted event to its actor and re-evaluate what it can affect."""
         self.events += 1
         u, new = self._user(uid, now, out)
-        changed = u.add_event(self, ts, name, props, sid)
+        if raw is None and props:
+            raw = msgspec.json.encode(props)
+        changed = u.add_event(self, ts, name, props, raw, sid)
         if new:
             segs: Iterable[Segment] = self.segments.values()
         else:
