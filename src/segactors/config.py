@@ -38,6 +38,7 @@ class Config:
     clock: Callable[[], int] = wall_clock
     tick_interval: float = 0.05
     backfill_slice: int = 2000
+    gc_threshold: tuple[int, int, int] = (50_000, 20, 100)
 
     @classmethod
     def from_env(cls, data_dir: str | Path, **overrides: object) -> Config:

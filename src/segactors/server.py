@@ -7,6 +7,7 @@ loop thread, one message at a time; SQLite work happens in the store's writer.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import hmac
 import secrets
@@ -80,6 +81,11 @@ class Server:
         self._load_root_token()
         await self.store.open()
         self._load()
+        # Everything loaded lives as long as the process: keep the collector off it, and
+        # collect the young generation less often (ingest allocates in bursts).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(*self.config.gc_threshold)
         if background:
             for hook in self._loaded_hooks:
                 self.webhooks.start(hook)
