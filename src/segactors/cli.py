@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+from types import FrameType
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
 
         app = create_app(Config.from_env(args.data_dir))
         loop, http = ("asyncio", "h11") if args.no_uvloop else ("auto", "auto")
+        # uvicorn shuts down gracefully on SIGTERM, then re-raises it; exit 0 then.
+        signal.signal(signal.SIGTERM, _exit_cleanly)
         print(f"segactors: serving on http://{args.host}:{args.port} "
               f"(data in {args.data_dir})", flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", loop=loop,

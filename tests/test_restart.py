@@ -1,0 +1,235 @@
+"""Restart on the same data dir, against the real server process (kill -9 and SIGTERM)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from segactors.timefmt import format_ts
+from serverproc import ServerProc, server_proc  # noqa: F401 - fixture
+
+BUY_RECENT = {"name": "recent buyers", "window": {"last": "3s"},
+              "rules": [{"kind": "did", "event": "buy"}]}
+BUY_HOUR = {"name": "buyers this hour", "window": {"last": "1h"},
+            "rules": [{"kind": "did", "event": "buy"}]}
+NY = {"name": "New Yorkers", "rules": [{"kind": "profile", "property": "city", "op": "eq",
+                                        "value": "NY"}]}
+NEVER_BOUGHT = {"name": "never bought", "rules": [{"kind": "did_not", "event": "buy"}]}
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def ok(r: httpx.Response, status: int = 200) -> Any:
+    assert r.status_code == status, r.text
+    return r.json() if r.content else None
+
+
+def wait_until(pred: Any, timeout: float = 10.0, step: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(step)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def all_changes(c: httpx.Client, sid: str = "shop") -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    since = 0
+    for _ in range(1000):
+        page = ok(c.get(f"/v1/systems/{sid}/changes", params={"since": since, "limit": 7}))
+        out.extend(page["changes"])
+        if not page["changes"]:
+            return out
+        since = page["next"]
+    raise AssertionError("too many pages")
+
+
+def all_members(c: httpx.Client, seg: str, sid: str = "shop") -> list[str]:
+    out: list[str] = []
+    after = ""
+    for _ in range(1000):
+        page = ok(c.get(f"/v1/systems/{sid}/segments/{seg}/members",
+                        params={"after": after, "limit": 2}))
+        out.extend(page["members"])
+        if page["next"] is None:
+            return out
+        after = page["next"]
+    raise AssertionError("too many pages")
+
+
+def make_segments(c: httpx.Client, *defs: dict[str, Any]) -> list[str]:
+    ids = [ok(c.post("/v1/systems/shop/segments", json=d), 201)["id"] for d in defs]
+    wait_until(lambda: all(ok(c.get(f"/v1/systems/shop/segments/{i}"))["status"] == "active"
+                           for i in ids))
+    return ids
+
+
+def settled(c: httpx.Client) -> int:
+    """Wait until every change assigned so far is durable and shown by GET /changes."""
+    def caught_up() -> int | None:
+        seq = ok(c.get("/v1/systems/shop/segments/all-users/members"))["seq"]
+        got = ok(c.get("/v1/systems/shop/changes", params={"since": max(0, seq - 1)}))
+        return int(seq) + 1 if got["next"] == seq else None
+    return int(wait_until(caught_up)) - 1
+
+
+def snapshot(c: httpx.Client, users: list[str]) -> dict[str, Any]:
+    settled(c)
+    segs = ok(c.get("/v1/systems/shop/segments"))
+    return {
+        "systems": ok(c.get("/v1/systems")),
+        "system": ok(c.get("/v1/systems/shop")),
+        "segments": segs,
+        "members": {s["id"]: all_members(c, s["id"]) for s in segs},
+        "users": {u: ok(c.get(f"/v1/systems/shop/users/{u}")) for u in users},
+        "user_segments": {u: ok(c.get(f"/v1/systems/shop/users/{u}/segments")) for u in users},
+        "changes": all_changes(c),
+    }
+
+
+def test_kill_9_and_restart_restores_every_system_segment_member_user_and_change(
+        server_proc: ServerProc) -> None:
+    sp = server_proc
+    with sp.http() as c:
+        keys = ok(c.post("/v1/systems", json={"id": "shop"}), 201)
+        ok(c.post("/v1/systems", json={"id": "blog"}), 201)
+        hour, ny, never = make_segments(c, BUY_HOUR, NY, NEVER_BOUGHT)
+        t = now_ms()
+        ok(c.post("/v1/systems/shop/events", json=[
+            {"id": "e1", "user_id": "u1", "name": "buy", "ts": t - 1000, "props": {"p": 9.5}},
+            {"id": "e2", "user_id": "u2", "name": "view", "ts": t - 2000},
+            {"id": "e3", "user_id": "u1", "name": "view", "ts": t - 500, "session_id": "s1"},
+        ]), 202)
+        ok(c.post("/v1/systems/shop/profiles", json=[
+            {"user_id": "u1", "props": {"city": "NY", "plan": "pro"}},
+            {"user_id": "u2", "props": {"city": "LA"}},
+            {"user_id": "u3", "props": {"city": "NY", "test_user": True}},
+        ]), 202)
+        ok(c.post("/v1/systems/shop/profiles", json={"user_id": "u2", "props": {"city": "NY"}}),
+           202)
+        ok(c.post("/v1/systems/shop/profiles", json={"user_id": "u1", "props": {"city": None}}),
+           202)
+        users = ["u1", "u2", "u3"]
+        before = snapshot(c, users)
+    # The state the test built is what it expects, so "equal after restart" means something.
+    assert before["members"][hour] == ["u1"]
+    assert before["members"][ny] == ["u2", "u3"]
+    assert before["members"][never] == ["u2", "u3"]
+    assert before["members"]["all-users"] == users
+    assert before["members"]["test-users"] == ["u3"]
+    assert before["users"]["u1"]["events"] == 2
+    assert before["users"]["u1"]["profile"]["plan"] == "pro"
+    assert "city" not in before["users"]["u1"]["profile"]
+    assert [ch["seq"] for ch in before["changes"]] == list(range(1, len(before["changes"]) + 1))
+    assert len(before["changes"]) >= 8
+
+    sp.kill()
+    sp.start()
+    with sp.http() as c:
+        after = snapshot(c, users)
+        assert after == before
+        # The keys survive too: the write key still ingests, into the same seq sequence.
+        last = before["changes"][-1]["seq"]
+        r = httpx.post(sp.base_url + "/v1/systems/shop/events",
+                       headers={"Authorization": f"Bearer {keys['write_key']}"},
+                       json={"id": "e4", "user_id": "u4", "name": "view", "ts": now_ms()})
+        ok(r, 202)
+        settled(c)
+        new = ok(c.get("/v1/systems/shop/changes", params={"since": last}))["changes"]
+        assert [(ch["seq"], ch["segment"], ch["user_id"], ch["change"]) for ch in new] == [
+            (last + 1, "all-users", "u4", "enter"), (last + 2, never, "u4", "enter")]
+        # Duplicates are still recognised after the restart.
+        assert ok(c.post("/v1/systems/shop/events", json={
+            "id": "e1", "user_id": "u1", "name": "buy", "ts": t}), 202) == {
+            "accepted": 0, "duplicates": 1}
+        # And a second restart keeps counting from there.
+    sp.kill()
+    sp.start()
+    with sp.http() as c:
+        ok(c.post("/v1/systems/shop/profiles", json={"user_id": "u4", "props": {"city": "NY"}}),
+           202)
+        settled(c)
+        tail = ok(c.get("/v1/systems/shop/changes", params={"since": last + 2}))["changes"]
+        assert [(ch["seq"], ch["segment"], ch["user_id"], ch["change"]) for ch in tail] == [
+            (last + 3, ny, "u4", "enter")]
+
+
+def test_a_window_deadline_passed_while_down_is_emitted_on_restart_at_the_deadline_instant(
+        server_proc: ServerProc) -> None:
+    sp = server_proc
+    with sp.http() as c:
+        ok(c.post("/v1/systems", json={"id": "shop"}), 201)
+        (recent,) = make_segments(c, BUY_RECENT)
+        t0 = now_ms()
+        ok(c.post("/v1/systems/shop/events", json={"user_id": "u1", "name": "buy", "ts": t0}),
+           202)
+        settled(c)
+        changes = all_changes(c)
+        assert [(ch["segment"], ch["change"]) for ch in changes] == [
+            ("all-users", "enter"), (recent, "enter")]
+    sp.kill()
+    assert now_ms() < t0 + 3000, "the machine is too slow for this test's 3 s window"
+    time.sleep(max(0.0, (t0 + 3400 - now_ms()) / 1000))
+    started = now_ms()
+    sp.start()
+    with sp.http() as c:
+        got = wait_until(lambda: all_changes(c)[2:])
+        assert got == [{"seq": 3, "segment": recent, "user_id": "u1", "change": "leave",
+                        "at": format_ts(t0 + 3000)}]
+        assert t0 + 3000 < started  # It really was due while the server was down.
+        assert all_members(c, recent) == []
+
+
+def test_an_event_acknowledged_with_202_survives_a_kill_9_right_after(
+        server_proc: ServerProc) -> None:
+    sp = server_proc
+    with sp.http() as c:
+        ok(c.post("/v1/systems", json={"id": "shop"}), 201)
+        t = now_ms()
+        batch = [{"id": f"k{i}", "user_id": f"u{i % 7}", "name": "view", "ts": t - i}
+                 for i in range(300)]
+        assert ok(c.post("/v1/systems/shop/events", json=batch), 202) == {
+            "accepted": 300, "duplicates": 0}
+        assert ok(c.post("/v1/systems/shop/profiles",
+                         json={"user_id": "u0", "props": {"tier": "gold"}}), 202)
+        sp.kill()  # At once, no pause: the 202 promised durability.
+    sp.start()
+    with sp.http() as c:
+        assert ok(c.get("/v1/systems/shop"))["events"] == 300
+        u0 = ok(c.get("/v1/systems/shop/users/u0"))
+        assert u0["events"] == len(range(0, 300, 7))
+        assert u0["profile"]["tier"] == "gold"
+        assert ok(c.post("/v1/systems/shop/events", json=batch), 202) == {
+            "accepted": 0, "duplicates": 300}
+
+
+def test_sigterm_shutdown_keeps_the_data(server_proc: ServerProc) -> None:
+    sp = server_proc
+    with sp.http() as c:
+        ok(c.post("/v1/systems", json={"id": "shop"}), 201)
+        (ny,) = make_segments(c, NY)
+        ok(c.post("/v1/systems/shop/profiles", json={"user_id": "u1", "props": {"city": "NY"}}),
+           202)
+        before = snapshot(c, ["u1"])
+    sp.stop()
+    sp.start()
+    with sp.http() as c:
+        assert snapshot(c, ["u1"]) == before
+        assert all_members(c, ny) == ["u1"]
+
+
+def test_sigterm_exits_with_code_0(tmp_path: Path) -> None:
+    sp = ServerProc(tmp_path / "data")
+    try:
+        sp.start()
+        assert sp.stop() == 0
+    finally:
+        sp.kill()
