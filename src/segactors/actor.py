@@ -6,7 +6,7 @@ time, so nothing inside needs a lock.
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Mapping
 from sys import intern
 from typing import TYPE_CHECKING, Any
@@ -29,6 +29,15 @@ _NO_PROPS: dict[str, Any] = {}
 def props_of(raw: bytes | None) -> dict[str, Any]:
     """Decode stored props (msgspec JSON bytes; None when there were none)."""
     return _decode_props(raw) if raw else _NO_PROPS
+
+
+def _drop_before(ts: list[int], vals: list[Any] | None, sids: list[Any] | None,
+                 cutoff: int) -> None:
+    k = bisect_left(ts, cutoff)
+    if k > 1:
+        for lst in (ts, vals, sids):
+            if lst is not None:
+                del lst[1:k]
 
 
 class UserActor:
@@ -89,6 +98,27 @@ class UserActor:
                     if pair.a == atom.id:
                         unanswered_add_a(good.ts, matches[pair.not_].ts, ts, pair.within)
         return changed
+
+    def prune(self, cutoff: int) -> int:
+        """Forget events before ``cutoff``, keeping the first of every list (``first_did``,
+        ``first_seen`` and ``restarted`` read it) and the first raw event of each name.
+        Returns how many raw events were dropped. O(events)."""
+        first_by_name: dict[str, int] = {}
+        for ts, name, _raw, _sid in self.events:
+            if ts < first_by_name.get(name, ts + 1):
+                first_by_name[name] = ts
+        before = len(self.events)
+        kept = []
+        for e in self.events:
+            if e[0] >= cutoff or first_by_name.get(e[1]) == e[0]:
+                kept.append(e)
+                if e[0] < cutoff:
+                    first_by_name.pop(e[1])  # Keep only one of equal first timestamps.
+        self.events = kept
+        _drop_before(self.all_ts, None, None, cutoff)
+        for m in self.matches.values():
+            _drop_before(m.ts, m.vals, m.sids, cutoff)
+        return before - len(kept)
 
     def session_starts(self) -> dict[str, int]:
         """Each session id and the ts of its first event. Built once, then kept current."""

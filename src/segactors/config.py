@@ -38,6 +38,9 @@ class Config:
     clock: Callable[[], int] = wall_clock
     tick_interval: float = 0.05
     backfill_slice: int = 2000
+    # Events stay in memory at least this long, and as long as any live segment looks back.
+    event_retention_ms: int = 90 * DAY_MS
+    prune_interval_ms: int = 600_000
     gc_threshold: tuple[int, int, int] = (50_000, 20, 100)
 
     @classmethod
@@ -47,6 +50,7 @@ class Config:
             "SEGACTORS_MAX_BODY": "max_body", "SEGACTORS_MAX_BATCH": "max_batch",
             "SEGACTORS_MAX_SEGMENTS": "max_segments",
             "SEGACTORS_CHANGE_RETENTION_MS": "change_retention_ms",
+            "SEGACTORS_EVENT_RETENTION_MS": "event_retention_ms",
         }
         for var, attr in env_ints.items():
             if var in os.environ:

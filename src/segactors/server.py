@@ -70,6 +70,9 @@ class Server:
         self.webhooks = Deliverer(lambda sid: self.logs[sid], self._save_webhook,
                                   first_backoff=config.webhook_first_backoff)
         self._loaded_hooks: list[Webhook] = []
+        self._prune_queue: deque[tuple[System, list[str], int]] | None = None
+        self._last_prune = config.clock()
+        self.pruned = 0
         self._backfills: deque[tuple[System, Segment]] = deque()
         self._backfill_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -481,9 +484,31 @@ class Server:
 
     # Time
 
+    def prune_step(self, now: int) -> None:
+        """Forget events past retention, a slice of users per call; a sweep every interval."""
+        if self._prune_queue is None:
+            if now - self._last_prune < self.config.prune_interval_ms:
+                return
+            self._last_prune = now
+            self._prune_queue = deque()
+            for system in self.systems.values():
+                cutoff = system.retention_cutoff(now, self.config.event_retention_ms)
+                if cutoff is not None:
+                    self._prune_queue.append((system, list(system.users), cutoff))
+        if not self._prune_queue:
+            self._prune_queue = None
+            return
+        system, uids, cutoff = self._prune_queue[0]
+        step = uids[-self.config.backfill_slice:]
+        del uids[-self.config.backfill_slice:]
+        self.pruned += system.prune(step, cutoff)
+        if not uids:
+            self._prune_queue.popleft()
+
     def run_due(self) -> bool:
         """Apply time-driven changes due by now, a slice at a time. True if more are due."""
         now = self.clock()
+        self.prune_step(now)
         more = False
         for system in self.systems.values():
             out, m = system.tick(now, limit=self.config.backfill_slice)

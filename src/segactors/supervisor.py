@@ -350,6 +350,27 @@ class System:
                 if holds:
                     into.append(uid)
 
+    def retention_cutoff(self, now: int, minimum: int) -> int | None:
+        """Events before this instant may be forgotten: none of the live segments looks
+        further back than ``max(minimum, their lookback)``. None when one looks back forever."""
+        keep = minimum
+        for seg in self.segments.values():
+            if seg.builtin or not seg.live_at(now):
+                continue
+            lb = seg.compiled.lookback
+            if lb is None:
+                return None
+            keep = max(keep, lb)
+        return now - keep
+
+    def prune(self, uids: Iterable[str], cutoff: int) -> int:
+        dropped = 0
+        for uid in uids:
+            u = self.users.get(uid)
+            if u is not None:
+                dropped += u.prune(cutoff)
+        return dropped
+
     def _check(self) -> None:
         """Invariants: every actor with a deadline has a heap entry at that instant."""
         entries = set(self.deadlines._heap)

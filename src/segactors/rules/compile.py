@@ -116,6 +116,9 @@ class CompiledSegment:
     profile_props: set[str] = field(default_factory=set)
     refs: set[str] = field(default_factory=set)
     needs_sessions: bool = False
+    # How far back its event rules look (ms), beyond the first matching event of each atom,
+    # which is always kept; None when unbounded (an all-time or fixed window).
+    lookback: int | None = 0
 
     def eval(self, ctx: ev.Ctx, now: int, sessions: Callable[[], dict[str, int]]) -> ev.Result:
         if self.session_scope:
@@ -135,8 +138,14 @@ class _Compiler:
         self.out.atoms.add(a.id)
         return a.id
 
-    def win(self, w: d.Window | UnsetType) -> ev.Window:
-        return _window(self.default if isinstance(w, UnsetType) else w)
+    def win(self, w: d.Window | UnsetType, extra: int = 0) -> ev.Window:
+        win = _window(self.default if isinstance(w, UnsetType) else w)
+        self.needs(None if win.last is None else win.last + extra)
+        return win
+
+    def needs(self, ms: int | None) -> None:
+        have = self.out.lookback
+        self.out.lookback = None if ms is None or have is None else max(have, ms)
 
     def group(self, rules: list[d.Rule], match: d.Match) -> ev.Node:
         children = [self.rule(r) for r in rules]
@@ -159,13 +168,15 @@ class _Compiler:
             return ev.Aggregate(self.atom(r.event, r.where, r.property), self.win(r.window),
                                 r.fn, cmp, r.include_absent)
         if isinstance(r, d.FirstDid):
-            return ev.FirstDid(self.atom(r.event, r.where), self.win(r.window))
+            # Reads only the first matching event, which is always kept.
+            win = _window(self.default if isinstance(r.window, UnsetType) else r.window)
+            return ev.FirstDid(self.atom(r.event, r.where), win)
         if isinstance(r, d.DidThenNot):
             a = self.atom(r.event, r.where)
             not_ = self.atom(r.then_not.event, r.then_not.where)
             within = parse_duration(r.within)
             pair = self.registry.pair(a, not_, within)
-            return ev.DidThenNot(a, self.win(r.window), not_, within, pair.id)
+            return ev.DidThenNot(a, self.win(r.window, within), not_, within, pair.id)
         if isinstance(r, d.Sequence):
             within = None if isinstance(r.within, UnsetType) else parse_duration(r.within)
             return ev.Sequence([self.atom(s.event, s.where) for s in r.steps],
@@ -181,10 +192,15 @@ class _Compiler:
             self.out.refs.add(r.segment)
             return ev.InSegment(r.segment, isinstance(r, d.NotInSegment))
         if isinstance(r, (d.Stopped, d.Restarted)):
-            return ev.Stopped(self.atom(r.event, r.where), parse_duration(r.before),
+            # `restarted` also asks for an event at or before now - before: the first one.
+            before = parse_duration(r.before)
+            self.needs(before)
+            return ev.Stopped(self.atom(r.event, r.where), before,
                               parse_duration(r.recent), isinstance(r, d.Restarted))
         if isinstance(r, d.Regularly):
-            return ev.Regularly(self.atom(r.event, r.where), parse_duration(r.period),
+            period = parse_duration(r.period)
+            self.needs(period * r.periods)
+            return ev.Regularly(self.atom(r.event, r.where), period,
                                 r.periods, r.min_periods, _cmp(r.count))
         raise TypeError(f"unknown rule {r!r}")
 
@@ -192,6 +208,8 @@ class _Compiler:
 def compile_definition(defn: d.Definition, atoms: AtomRegistry) -> CompiledSegment:
     c = _Compiler(atoms, defn.window, defn.scope == "session")
     c.out.root = c.group(defn.rules, defn.match)
+    if c.sids:
+        c.out.lookback = None  # A session's first event may be older than any window.
     return c.out
 
 
