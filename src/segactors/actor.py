@@ -31,13 +31,12 @@ def props_of(raw: bytes | None) -> dict[str, Any]:
     return _decode_props(raw) if raw else _NO_PROPS
 
 
-def _drop_before(ts: list[int], vals: list[Any] | None, sids: list[Any] | None,
-                 cutoff: int) -> None:
+def _drop_before(ts: list[int], vals: list[Any] | None, cutoff: int) -> None:
     k = bisect_left(ts, cutoff)
     if k > 1:
-        for lst in (ts, vals, sids):
-            if lst is not None:
-                del lst[1:k]
+        del ts[1:k]
+        if vals is not None:
+            del vals[1:k]
 
 
 class UserActor:
@@ -115,9 +114,10 @@ class UserActor:
                 if e[0] < cutoff:
                     first_by_name.pop(e[1])  # Keep only one of equal first timestamps.
         self.events = kept
-        _drop_before(self.all_ts, None, None, cutoff)
+        _drop_before(self.all_ts, None, cutoff)
         for m in self.matches.values():
-            _drop_before(m.ts, m.vals, m.sids, cutoff)
+            # Session-scope atoms are never pruned: their segments look back forever.
+            _drop_before(m.ts, m.vals, cutoff)
         return before - len(kept)
 
     def session_starts(self) -> dict[str, int]:

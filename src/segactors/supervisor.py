@@ -122,6 +122,7 @@ class System:
         self._by_atom: dict[int, list[Segment]] = {}
         self._by_prop: dict[str, list[Segment]] = {}
         self._seen: list[Segment] = []
+        self._session_scoped: list[Segment] = []
         for bid in BUILTINS:
             self.add_segment(Segment(bid, 0, bid, "", None, None, compile_builtin(bid),
                                      created_at, builtin=True, status=Status.ACTIVE))
@@ -141,12 +142,16 @@ class System:
                 self._seen.append(seg)
             else:
                 self._by_prop.setdefault(p, []).append(seg)
+        if c.session_scope:
+            # Any event with a session id may open a session that satisfies it.
+            self._session_scoped.append(seg)
         for ref in c.refs:
             self.segments[ref].dependents.append(seg)
 
     def remove_segment(self, seg: Segment) -> None:
         del self.segments[seg.id]
-        for lst in (*self._by_atom.values(), *self._by_prop.values(), self._seen):
+        for lst in (*self._by_atom.values(), *self._by_prop.values(), self._seen,
+                    self._session_scoped):
             if seg in lst:
                 lst.remove(seg)
         for ref in seg.compiled.refs:
@@ -296,6 +301,9 @@ class System:
                     found[s.idx] = s
             for s in self._seen:
                 found[s.idx] = s
+            if sid is not None:
+                for s in self._session_scoped:
+                    found[s.idx] = s
             segs = found.values()
         nxt = self._evaluate(u, segs, now, now, out)
         self._schedule(u, nxt, fresh=new)

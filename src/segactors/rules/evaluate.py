@@ -25,15 +25,17 @@ NO_TS: list[int] = []
 class Matches:
     """The events of one user that passed one atom, sorted by ``ts`` (ties keep arrival order).
 
-    Insert is O(n) in the worst case (a list insert) and O(1) for in-order arrivals.
+    Insert is O(n) in the worst case (a list insert) and O(1) for in-order arrivals. An
+    atom of a session-scope segment also keeps one ``Matches`` per session (``by_sid``), so
+    a session's view costs a dict lookup.
     """
 
-    __slots__ = ("ts", "vals", "sids")
+    __slots__ = ("ts", "vals", "by_sid")
 
     def __init__(self, with_vals: bool, with_sids: bool) -> None:
         self.ts: list[int] = []
         self.vals: list[Any] | None = [] if with_vals else None
-        self.sids: list[str | None] | None = [] if with_sids else None
+        self.by_sid: dict[str, Matches] | None = {} if with_sids else None
 
     def insert(self, ts: int, val: Any, sid: str | None) -> None:
         ts_list = self.ts
@@ -41,31 +43,27 @@ class Matches:
             ts_list.append(ts)
             if self.vals is not None:
                 self.vals.append(val)
-            if self.sids is not None:
-                self.sids.append(sid)
-            return
-        i = bisect_right(ts_list, ts)
-        ts_list.insert(i, ts)
-        if self.vals is not None:
-            self.vals.insert(i, val)
-        if self.sids is not None:
-            self.sids.insert(i, sid)
+        else:
+            i = bisect_right(ts_list, ts)
+            ts_list.insert(i, ts)
+            if self.vals is not None:
+                self.vals.insert(i, val)
+        if self.by_sid is not None and sid is not None:
+            sub = self.by_sid.get(sid)
+            if sub is None:
+                sub = self.by_sid[sid] = Matches(self.vals is not None, False)
+            sub.insert(ts, val, None)
 
     def only_session(self, sid: str) -> Matches:
-        """A copy holding only the events of session ``sid``. O(n)."""
-        out = Matches(self.vals is not None, False)
-        assert self.sids is not None
-        for k, s in enumerate(self.sids):
-            if s == sid:
-                out.ts.append(self.ts[k])
-                if out.vals is not None and self.vals is not None:
-                    out.vals.append(self.vals[k])
-        return out
+        """The events of session ``sid``. O(1)."""
+        assert self.by_sid is not None
+        return self.by_sid.get(sid, EMPTY)
 
     def _check(self) -> None:
         assert self.ts == sorted(self.ts)
-        for side in (self.vals, self.sids):
-            assert side is None or len(side) == len(self.ts)
+        assert self.vals is None or len(self.vals) == len(self.ts)
+        if self.by_sid is not None:
+            assert sum(len(m.ts) for m in self.by_sid.values()) <= len(self.ts)
 
 
 EMPTY = Matches(False, False)
@@ -455,17 +453,13 @@ class Group(Node):
 class SessionCtx:
     """A user's context with every event rule limited to one session's events."""
 
-    __slots__ = ("base", "sid", "cache")
+    __slots__ = ("base", "sid")
 
     def __init__(self, base: Ctx, sid: str) -> None:
         self.base, self.sid = base, sid
-        self.cache: dict[int, Matches] = {}
 
     def m(self, atom: int) -> Matches:
-        got = self.cache.get(atom)
-        if got is None:
-            got = self.cache[atom] = self.base.m(atom).only_session(self.sid)
-        return got
+        return self.base.m(atom).only_session(self.sid)
 
     def unanswered(self, pair: int) -> list[int] | None:
         return None  # Session scope scans its own events.
