@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from segactors.rules.evaluate import (
-    NEVER, Matches, seen_props, sorted_insert, unanswered, unanswered_add_a, unanswered_add_not,
+    ALL_SESSIONS, NEVER, Matches, seen_props, sorted_insert, unanswered, unanswered_add_a, unanswered_add_not,
 )
 
 if TYPE_CHECKING:
@@ -47,7 +47,8 @@ class UserActor:
     and session ids interned: about 150 bytes plus the props' length per event.
     """
 
-    __slots__ = ("uid", "props", "all_ts", "events", "matches", "deadline", "sessions")
+    __slots__ = ("uid", "props", "all_ts", "events", "matches", "deadline", "sessions",
+                 "scache")
 
     def __init__(self, uid: str) -> None:
         self.uid = uid
@@ -58,6 +59,8 @@ class UserActor:
         self.matches: dict[int, Matches] = {}
         self.deadline: int | None = None
         self.sessions: dict[str, int] | None = None
+        # Per session-scope segment: each session's last (holds, next change).
+        self.scache: dict[object, dict[str, tuple[bool, int]]] | None = None
 
     def add_event(self, system: System, ts: int, name: str, props: dict[str, Any] | None,
                   raw: bytes | None, sid: str | None) -> list[int]:
@@ -133,7 +136,7 @@ class UserActor:
 class ActorCtx:
     """The ``Ctx`` the rules read: one actor, seen through its system, at one evaluation."""
 
-    __slots__ = ("actor", "system", "_profile", "_profile_at", "_scratch", "_kept")
+    __slots__ = ("actor", "system", "_profile", "_profile_at", "_scratch", "_kept", "dirty")
 
     def __init__(self, actor: UserActor, system: System, scratch: AtomRegistry | None = None):
         """``scratch``: atoms of a dry run, built here from raw events and never kept."""
@@ -142,6 +145,21 @@ class ActorCtx:
         self._profile_at = 0
         self._scratch = scratch
         self._kept: dict[int, Matches] = actor.matches if scratch is None else {}
+        # Which session an event-driven evaluation may have changed (None: none, as for a
+        # deadline); ALL_SESSIONS when anything may have (profiles, memberships, first runs).
+        self.dirty: str | None = ALL_SESSIONS
+
+    def session_cache(self, key: object) -> tuple[dict[str, tuple[bool, int]] | None,
+                                                  str | None]:
+        if self._scratch is not None:
+            return None, ALL_SESSIONS
+        caches = self.actor.scache
+        if caches is None:
+            caches = self.actor.scache = {}
+        cache = caches.get(key)
+        if cache is None:
+            cache = caches[key] = {}
+        return cache, self.dirty
 
     def m(self, atom_id: int) -> Matches:
         got = self._kept.get(atom_id)

@@ -20,7 +20,7 @@ from sortedcontainers import SortedSet
 from segactors.actor import ActorCtx, UserActor
 from segactors.definition import Definition
 from segactors.rules.compile import AtomRegistry, CompiledSegment, compile_builtin
-from segactors.rules.evaluate import NEVER
+from segactors.rules.evaluate import ALL_SESSIONS, NEVER
 
 BUILTINS = ("all-users", "test-users")
 
@@ -168,22 +168,27 @@ class System:
     # Evaluation
 
     def _evaluate(self, u: UserActor, segs: Iterable[Segment], now: int, at: int,
-                  out: list[Change]) -> int:
+                  out: list[Change], dirty: str | None = ALL_SESSIONS) -> int:
         """Evaluate ``segs`` (and, on change, their dependents) for ``u`` in creation order.
 
         Appends a ``Change`` per membership flip of an active segment; returns the earliest
-        instant any evaluated segment could change next.
+        instant any evaluated segment could change next. ``dirty`` says which session's
+        events changed, for session-scope segments (see ``eval_sessions``).
         """
         ctx = ActorCtx(u, self)
         order = sorted(segs, key=_idx)
         nxt = NEVER
         uid = u.uid
+        forced: set[int] = set()  # Dependents of a flipped segment: anything may differ.
         i = 0
         while i < len(order):
             seg = order[i]
             i += 1
             if not seg.live_at(now):
                 continue
+            if seg.compiled.session_scope:
+                everything = seg.idx in forced or seg in self._seen
+                ctx.dirty = ALL_SESSIONS if everything else dirty
             try:
                 holds, n = seg.compiled.eval(ctx, now, u.session_starts)
             except Exception as e:  # A broken segment must not take the server down.
@@ -206,6 +211,7 @@ class System:
             # Dependents come later in creation order; queue each once.
             rest = order[i:]
             for dep in seg.dependents:
+                forced.add(dep.idx)
                 if dep not in rest:
                     insort(order, dep, lo=i, key=_idx)
                     rest = order[i:]
@@ -235,7 +241,7 @@ class System:
         while u.deadline is not None and u.deadline <= until:
             t = u.deadline
             u.deadline = None
-            nxt = self._evaluate(u, self.segments.values(), t, t, out)
+            nxt = self._evaluate(u, self.segments.values(), t, t, out, dirty=None)
             self._schedule(u, nxt, fresh=True)
 
     def tick(self, now: int, limit: int | None = None) -> tuple[list[Change], bool]:
@@ -305,7 +311,7 @@ class System:
                 for s in self._session_scoped:
                     found[s.idx] = s
             segs = found.values()
-        nxt = self._evaluate(u, segs, now, now, out)
+        nxt = self._evaluate(u, segs, now, now, out, dirty=ALL_SESSIONS if new else sid)
         self._schedule(u, nxt, fresh=new)
 
     def apply_profile(self, uid: str, props: dict[str, Any], now: int,

@@ -122,7 +122,8 @@ class CompiledSegment:
 
     def eval(self, ctx: ev.Ctx, now: int, sessions: Callable[[], dict[str, int]]) -> ev.Result:
         if self.session_scope:
-            return ev.eval_sessions(self.root, ctx, sessions(), now)
+            cache, dirty = ctx.session_cache(self)
+            return ev.eval_sessions(self.root, ctx, sessions(), now, cache, dirty)
         return self.root.eval(ctx, now)
 
 

@@ -76,6 +76,8 @@ class Ctx(Protocol):
 
     def unanswered(self, pair: int) -> list[int] | None: ...
 
+    def session_cache(self, key: object) -> tuple[dict[str, Result] | None, str | None]: ...
+
     def profile(self, now: int) -> Mapping[str, Any]: ...
 
     def member(self, segment: str) -> bool: ...
@@ -474,19 +476,34 @@ class SessionCtx:
         return self.base.next_event_after(now)
 
 
-def eval_sessions(root: Node, ctx: Ctx, sessions: dict[str, int], now: int) -> Result:
+ALL_SESSIONS = "\x00all"  # Session-cache mode: anything may have changed.
+
+
+def eval_sessions(root: Node, ctx: Ctx, sessions: dict[str, int], now: int,
+                  cache: dict[str, Result] | None = None, dirty: str | None = ALL_SESSIONS
+                  ) -> Result:
     """Session scope: some session seen by ``now`` satisfies ``root`` on its own events.
 
-    ``sessions`` maps each session id to the ts of its first event.
+    ``sessions`` maps each session id to the ts of its first event. With a ``cache`` of each
+    session's last (holds, next), only the ``dirty`` session (None: none) and the sessions
+    whose next change is due are evaluated again, so an event costs one session's
+    evaluation plus a pass over cached pairs; ``ALL_SESSIONS`` evaluates every session.
     """
     holds = False
     nxt = ctx.next_event_after(now)  # A new session can start then.
+    use_cache = cache is not None and dirty != ALL_SESSIONS
     for sid, first in sessions.items():
         if first > now:
             continue
-        h, n = root.eval(SessionCtx(ctx, sid), now)
-        holds = holds or h
-        nxt = min(nxt, n)
+        got = cache.get(sid) if use_cache and sid != dirty else None  # type: ignore[union-attr]
+        if got is None or got[1] <= now:
+            got = root.eval(SessionCtx(ctx, sid), now)
+            if cache is not None:
+                cache[sid] = got
+        if got[0]:
+            holds = True
+        if got[1] < nxt:
+            nxt = got[1]
     return holds, nxt
 
 
