@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from segactors.rules.evaluate import (
-    ALL_SESSIONS, NEVER, Matches, seen_props, sorted_insert, unanswered, unanswered_add_a, unanswered_add_not,
+    ALL_SESSIONS, NEVER, SessionState, Matches, seen_props, sorted_insert, unanswered, unanswered_add_a, unanswered_add_not,
 )
 
 if TYPE_CHECKING:
@@ -59,8 +59,8 @@ class UserActor:
         self.matches: dict[int, Matches] = {}
         self.deadline: int | None = None
         self.sessions: dict[str, int] | None = None
-        # Per session-scope segment: each session's last (holds, next change).
-        self.scache: dict[object, dict[str, tuple[bool, int]]] | None = None
+        # Per session-scope segment: its sessions' last results (see SessionState).
+        self.scache: dict[object, SessionState] | None = None
 
     def add_event(self, system: System, ts: int, name: str, props: dict[str, Any] | None,
                   raw: bytes | None, sid: str | None) -> list[int]:
@@ -149,17 +149,16 @@ class ActorCtx:
         # deadline); ALL_SESSIONS when anything may have (profiles, memberships, first runs).
         self.dirty: str | None = ALL_SESSIONS
 
-    def session_cache(self, key: object) -> tuple[dict[str, tuple[bool, int]] | None,
-                                                  str | None]:
+    def session_cache(self, key: object) -> tuple[SessionState | None, str | None]:
         if self._scratch is not None:
             return None, ALL_SESSIONS
         caches = self.actor.scache
         if caches is None:
             caches = self.actor.scache = {}
-        cache = caches.get(key)
-        if cache is None:
-            cache = caches[key] = {}
-        return cache, self.dirty
+        state = caches.get(key)
+        if state is None:
+            state = caches[key] = SessionState()
+        return state, self.dirty
 
     def m(self, atom_id: int) -> Matches:
         got = self._kept.get(atom_id)

@@ -11,6 +11,7 @@ are bisects over them, so a re-evaluation costs O(log n) per leaf for most kinds
 
 from __future__ import annotations
 
+import heapq
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -76,7 +77,7 @@ class Ctx(Protocol):
 
     def unanswered(self, pair: int) -> list[int] | None: ...
 
-    def session_cache(self, key: object) -> tuple[dict[str, Result] | None, str | None]: ...
+    def session_cache(self, key: object) -> tuple[SessionState | None, str | None]: ...
 
     def profile(self, now: int) -> Mapping[str, Any]: ...
 
@@ -476,35 +477,82 @@ class SessionCtx:
         return self.base.next_event_after(now)
 
 
-ALL_SESSIONS = "\x00all"  # Session-cache mode: anything may have changed.
+ALL_SESSIONS = "\x00all"  # Session-state mode: anything may have changed.
+
+
+class SessionState:
+    """Per user and session-scope segment: each session's last (holds, next change), how
+    many hold, and a heap of their next changes (stale entries are skipped when popped)."""
+
+    __slots__ = ("res", "holding", "heap")
+
+    def __init__(self) -> None:
+        self.res: dict[str, Result] = {}
+        self.holding = 0
+        self.heap: list[tuple[int, str]] = []
+
+    def set(self, sid: str, r: Result) -> None:
+        old = self.res.get(sid)
+        if old is not None and old[0]:
+            self.holding -= 1
+        self.res[sid] = r
+        if r[0]:
+            self.holding += 1
+        if r[1] < NEVER:
+            heapq.heappush(self.heap, (r[1], sid))
+
+    def next(self) -> int:
+        heap, res = self.heap, self.res
+        while heap:
+            t, sid = heap[0]
+            r = res.get(sid)
+            if r is not None and r[1] == t:
+                return t
+            heapq.heappop(heap)
+        return NEVER
+
+    def _check(self) -> None:
+        assert self.holding == sum(1 for r in self.res.values() if r[0])
+        live = {(r[1], sid) for sid, r in self.res.items() if r[1] < NEVER}
+        assert live <= set(self.heap)
 
 
 def eval_sessions(root: Node, ctx: Ctx, sessions: dict[str, int], now: int,
-                  cache: dict[str, Result] | None = None, dirty: str | None = ALL_SESSIONS
+                  state: SessionState | None = None, dirty: str | None = ALL_SESSIONS
                   ) -> Result:
     """Session scope: some session seen by ``now`` satisfies ``root`` on its own events.
 
-    ``sessions`` maps each session id to the ts of its first event. With a ``cache`` of each
-    session's last (holds, next), only the ``dirty`` session (None: none) and the sessions
-    whose next change is due are evaluated again, so an event costs one session's
-    evaluation plus a pass over cached pairs; ``ALL_SESSIONS`` evaluates every session.
+    ``sessions`` maps each session id to the ts of its first event. With a kept ``state``,
+    only the ``dirty`` session (None: none), the sessions whose next change is due and
+    sessions not seen before are evaluated: O(log sessions) besides those evaluations.
+    ``ALL_SESSIONS`` (or no state) evaluates every session.
     """
-    holds = False
-    nxt = ctx.next_event_after(now)  # A new session can start then.
-    use_cache = cache is not None and dirty != ALL_SESSIONS
-    for sid, first in sessions.items():
-        if first > now:
-            continue
-        got = cache.get(sid) if use_cache and sid != dirty else None  # type: ignore[union-attr]
-        if got is None or got[1] <= now:
-            got = root.eval(SessionCtx(ctx, sid), now)
-            if cache is not None:
-                cache[sid] = got
-        if got[0]:
-            holds = True
-        if got[1] < nxt:
-            nxt = got[1]
-    return holds, nxt
+    if state is None or dirty == ALL_SESSIONS:
+        state = state if state is not None else SessionState()
+        state.res.clear()
+        state.heap.clear()
+        state.holding = 0
+        for sid, first in sessions.items():
+            if first <= now:
+                state.set(sid, root.eval(SessionCtx(ctx, sid), now))
+    else:
+        if dirty is not None and sessions.get(dirty, NEVER) <= now:
+            state.set(dirty, root.eval(SessionCtx(ctx, dirty), now))
+        heap, res = state.heap, state.res
+        while heap and heap[0][0] <= now:
+            t, sid = heapq.heappop(heap)
+            r = res.get(sid)
+            if r is not None and r[1] == t:
+                state.set(sid, root.eval(SessionCtx(ctx, sid), now))
+        if len(res) < len(sessions):  # A new session, or one that starts in the future.
+            for sid, first in sessions.items():
+                if first <= now and sid not in res:
+                    state.set(sid, root.eval(SessionCtx(ctx, sid), now))
+        if len(heap) > 4 * len(res) + 16:
+            state.heap = [(r[1], sid) for sid, r in res.items() if r[1] < NEVER]
+            heapq.heapify(state.heap)
+    # A new session can start at the user's next event.
+    return state.holding > 0, min(ctx.next_event_after(now), state.next())
 
 
 def seen_props(all_ts: list[int], now: int) -> dict[str, str]:
