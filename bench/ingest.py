@@ -1,144 +1,201 @@
-"""Ingest throughput: events/s acknowledged durable by one server process, with segments.
+"""Scenario 1, ingest: sustained events/s acknowledged durable (202) with the 20 segments,
+and server CPU seconds per 1k events; with ``--peer``, the DuckDB peer and the exactness check.
 
-    python -m bench.ingest [--users 10000] [--events 1000000] [--segments 10] [--batch 5000]
+    python -m bench.ingest [--quick] [--users 100000] [--events 10000000] [--peer]
 
-Drives the real server over HTTP from this process on 127.0.0.1. Events are generated and
-encoded before the clock starts, so the figure is the server's (plus loopback HTTP).
+The server runs in its own process (bench/serverproc.py) with the 20 segments of
+bench/workload.py, all active before ingestion. Profiles of every user are posted first
+(timed apart), then the events in timestamp order, in batches of ``--batch`` with
+``--concurrency`` requests in flight. Bodies are generated and encoded before the clock
+starts, so the rate is the server's (plus loopback HTTP). CPU is the server process's
+user+system time from /proc (every thread, SQLite's writer included).
+
+With ``--peer`` the members of every segment are then read (GET members, paging), the server
+is stopped, and DuckDB loads the same events (bench/peer.py) and refreshes the 20 segments
+at the instant the last segment was read; the check compares each segment at the instants
+it was read (see bench.peer.compare). A mismatch exits non-zero listing segment and users.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import random
+import os
+import sys
+import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
-from pathlib import Path
+from typing import Any
 
-import httpx
-import msgspec
+from bench.common import (SYS, client, dist, post_all, print_rows, read_members, save,
+                          setup_system, stop_on_sigterm)
+from bench.serverproc import ServerProc
+from bench.workload import Workload
 
-from bench.serverproc import ROOT, ServerProc
-
-NAMES = ["page_view", "add_to_cart", "purchase", "app_launch", "search"]
-SEGMENTS = [
-    {"name": "buyers 30d", "rules": [{"kind": "did", "event": "purchase",
-                                       "window": {"last": "30d"}}]},
-    {"name": "3+ carts 7d", "rules": [{"kind": "did", "event": "add_to_cart",
-                                        "window": {"last": "7d"},
-                                        "count": {"op": "gte", "value": 3}}]},
-    {"name": "cart no buy 10m", "rules": [{"kind": "did_then_not", "event": "add_to_cart",
-                                            "then_not": {"event": "purchase"}, "within": "10m",
-                                            "window": {"last": "1d"}}]},
-    {"name": "big spenders", "rules": [{"kind": "aggregate", "event": "purchase", "fn": "sum",
-                                         "property": "amount", "compare": {"op": "gt",
-                                                                          "value": 500}}]},
-    {"name": "NY", "rules": [{"kind": "profile", "property": "city", "op": "eq",
-                               "value": "New York"}]},
-    {"name": "viewed pricing", "rules": [{"kind": "did", "event": "page_view", "where": [
-        {"property": "url", "op": "contains", "value": "/pricing"}], "window": {"last": "1h"}}]},
-    {"name": "no launch 1d", "rules": [{"kind": "did_not", "event": "app_launch",
-                                         "window": {"last": "1d"}}]},
-    {"name": "first launch 7d", "rules": [{"kind": "first_did", "event": "app_launch",
-                                            "window": {"last": "7d"}}]},
-    {"name": "searchers", "match": {"at_least": 2}, "rules": [
-        {"kind": "did", "event": "search", "window": {"last": "1h"}},
-        {"kind": "did", "event": "page_view", "window": {"last": "5m"}},
-        {"kind": "did", "event": "purchase", "window": {"last": "7d"}}]},
-    {"name": "browse then buy", "rules": [{"kind": "sequence", "steps": [
-        {"event": "page_view"}, {"event": "add_to_cart"}, {"event": "purchase"}],
-        "within": "1h"}]},
-]
+FULL = {"users": 100_000, "events": 10_000_000}
+QUICK = {"users": 10_000, "events": 200_000}
 
 
-def make_batches(users: int, events: int, batch: int, seed: int) -> list[bytes]:
-    rng = random.Random(seed)
-    now = int(time.time() * 1000)
-    weights = [1 / (i + 1) for i in range(users)]  # Zipf-like activity.
-    uids = rng.choices(range(users), weights=weights, k=events)
-    enc = msgspec.json.Encoder()
-    out = []
-    for start in range(0, events, batch):
-        items = []
-        for k in range(start, min(events, start + batch)):
-            name = rng.choice(NAMES)
-            props: dict[str, object] = {}
-            if name == "page_view":
-                props["url"] = rng.choice(["/", "/pricing", "/docs", "/blog/x"])
-            elif name == "purchase":
-                props["amount"] = round(rng.uniform(5, 300), 2)
-            items.append({"id": f"e{k}", "user_id": f"u{uids[k]}", "name": name,
-                          "ts": now - rng.randrange(0, 3_600_000), "props": props,
-                          "session_id": f"s{uids[k]}-{k // 50_000}"})
-        out.append(enc.encode(items))
+def run(users: int, events: int, batch: int = 5000, concurrency: int = 2, seed: int = 1,
+        days: int = 90, peer: bool = False, threads: int | None = None,
+        exclude: list[str] = ()) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    w = Workload(users, events, days, seed)
+    bodies = w.batches(batch)
+    profile_bodies = w.profile_batches(batch)
+    gen_s = time.perf_counter() - t0
+    print(f"ingest: generated {len(w.rows)} events for {users} users in {gen_s:.1f}s",
+          file=sys.stderr)
+    res: dict[str, Any] = {"users": users, "events": len(w.rows), "batch": batch,
+                           "concurrency": concurrency, "seed": seed, "days": days,
+                           "workload": w.summary(), "excluded_segments": list(exclude)}
+    srv = ServerProc()
+    try:
+        with client(srv) as c:
+            ids, defs = setup_system(c, w.now, exclude=exclude)
+            names = {v: k for k, v in ids.items()}
+            res["segments"] = len(ids)
+            rss0 = srv.rss_bytes()
+            tp = time.perf_counter()
+            post_all(srv, f"/v1/systems/{SYS}/profiles", profile_bodies, concurrency)
+            res["profiles_s"] = round(time.perf_counter() - tp, 2)
+            cpu0, t0 = srv.cpu_seconds(), time.perf_counter()
+            done: list[tuple[float, int]] = []
+            accepted = post_all(srv, f"/v1/systems/{SYS}/events", bodies, concurrency, done)
+            elapsed = time.perf_counter() - t0
+            res["events_per_s_by_tenth"] = by_tenth(done, t0)
+            cpu = srv.cpu_seconds() - cpu0
+            rss = srv.rss_bytes()
+            info = c.get(f"/v1/systems/{SYS}").json()
+            res.update({
+                "accepted": accepted, "known_users": info["users"],
+                "seconds": round(elapsed, 2), "events_per_s": round(accepted / elapsed),
+                "server_cpu_s": round(cpu, 2),
+                "cpu_s_per_1k_events": round(cpu / accepted * 1000, 4),
+                "server_cpu_util": round(cpu / elapsed, 2),
+                "rss_mb": round(rss / 2**20, 1), "rss_mb_before": round(rss0 / 2**20, 1),
+            })
+            if peer:
+                reads = {}
+                for sid in ids.values():
+                    reads[sid] = read_members(c, sid)
+                res["sizes"] = {names[s]: len(r[0]) for s, r in reads.items()}
+                res["members_read_s"] = round(
+                    (max(r[2] for r in reads.values()) - min(r[1] for r in reads.values()))
+                    / 1000, 2)
+    finally:
+        srv.stop()
+        srv.remove_data_dir()
+    if peer:
+        res["peer"] = run_peer(w, defs, names, reads, cpu, threads)
+    return res
+
+
+def by_tenth(done: list[tuple[float, int]], t0: float) -> list[int]:
+    """The rate over each tenth of the events, in order (does it hold as history grows?)."""
+    done = sorted(done)
+    total = sum(n for _, n in done)
+    out, acc, t_prev, n_prev, k = [], 0, t0, 0, 1
+    for t, n in done:
+        acc += n
+        if acc >= total * k / 10:
+            out.append(round((acc - n_prev) / max(1e-9, t - t_prev)))
+            t_prev, n_prev, k = t, acc, k + 1
     return out
 
 
-def run(args: argparse.Namespace) -> dict[str, object]:
-    batches = make_batches(args.users, args.events, args.batch, args.seed)
-    with ServerProc() as srv:
-        h = {"Authorization": f"Bearer {ROOT}", "Content-Type": "application/json"}
-        with httpx.Client(base_url=srv.url, headers=h, timeout=60) as c:
-            c.post("/v1/systems", json={"id": "bench"}).raise_for_status()
-            for spec in SEGMENTS[: args.segments]:
-                c.post("/v1/systems/bench/segments", json=spec).raise_for_status()
-            rss0 = srv.rss_bytes()
-            cpu0 = srv.cpu_seconds()
+def run_peer(w: Workload, defs: dict[str, Any], names: dict[str, str],
+             reads: dict[str, tuple[set[str], int, int]], server_cpu: float,
+             threads: int | None) -> dict[str, Any]:
+    from bench.peer import Peer, compare
 
-            def post(body: bytes) -> int:
-                with httpx.Client(base_url=srv.url, headers=h, timeout=120) as cc:
-                    r = cc.post("/v1/systems/bench/events", content=body)
-                    r.raise_for_status()
-                    return int(r.json()["accepted"])
-
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(args.concurrency) as pool:
-                accepted = sum(pool.map(post, batches))
-            elapsed = time.perf_counter() - t0
-            cpu = srv.cpu_seconds() - cpu0
-            info = c.get("/v1/systems/bench").json()
-            sizes = {s["name"]: s["size"] for s in c.get("/v1/systems/bench/segments").json()}
-            rss = srv.rss_bytes()
+    tmp = tempfile.mkdtemp(prefix="segactors-peer-")
+    ep, pp = os.path.join(tmp, "events.ndjson"), os.path.join(tmp, "profiles.ndjson")
+    try:
+        t0 = time.perf_counter()
+        w.write_ndjson(ep, pp)
+        write_s = time.perf_counter() - t0
+        p = Peer(threads)
+        load = p.load(ep, pp)
+        now = max(r[2] for r in reads.values())
+        order = list(defs.items())
+        ref = [p.refresh(order, now) for _ in range(3)]
+        best = min(ref, key=lambda r: r["refresh_s"])
+        checks = compare(p, defs, names, reads)
+        p.close()
+    finally:
+        for f in (ep, pp):
+            if os.path.exists(f):
+                os.remove(f)
+        os.rmdir(tmp)
+    bad = [c for c in checks if c["only_server"] or c["only_peer"]]
     return {
-        "users": args.users, "events": args.events, "segments": args.segments,
-        "batch": args.batch, "concurrency": args.concurrency, "accepted": accepted,
-        "known_users": info["users"], "seconds": round(elapsed, 2),
-        "events_per_s": round(accepted / elapsed), "server_cpu_s": round(cpu, 2),
-        "cpu_s_per_1k_events": round(cpu / accepted * 1000, 4),
-        "rss_mb": round(rss / 2**20, 1), "rss_mb_before_ingest": round(rss0 / 2**20, 1),
-        "rss_bytes_per_event": round((rss - rss0) / max(1, accepted)),
-        "segment_sizes": sizes,
+        "threads": threads or os.cpu_count(), "ndjson_write_s": round(write_s, 2),
+        "load_s": round(load["load_s"], 2), "load_cpu_s": round(load["load_cpu_s"], 2),
+        "refresh_s": round(best["refresh_s"], 3), "refresh_cpu_s": round(best["refresh_cpu_s"], 3),
+        "refresh_s_runs": [round(r["refresh_s"], 3) for r in ref],
+        "cpu_ratio_refresh_vs_server_ingest": round(best["refresh_cpu_s"] / server_cpu, 3),
+        "segments_checked": len(checks), "mismatched_segments": len(bad),
+        "in_flux_users": sum(c["in_flux"] for c in checks),
+        "checks": checks,
     }
 
 
+def report(res: dict[str, Any]) -> list[tuple[str, Any]]:
+    rows = [("users / events", f"{res['users']} / {res['accepted']}"),
+            ("events/s acknowledged (202)", res["events_per_s"]),
+            ("events/s by tenth of the run", res["events_per_s_by_tenth"]),
+            ("server CPU s per 1k events", res["cpu_s_per_1k_events"]),
+            ("server CPU utilisation (cores)", res["server_cpu_util"]),
+            ("RSS after ingest MB", res["rss_mb"])]
+    if "peer" in res:
+        pr = res["peer"]
+        rows += [("duckdb load s (cpu s)", f"{pr['load_s']} ({pr['load_cpu_s']})"),
+                 ("duckdb refresh s (cpu s)", f"{pr['refresh_s']} ({pr['refresh_cpu_s']})"),
+                 ("duckdb refresh CPU / segactors ingest CPU",
+                  pr["cpu_ratio_refresh_vs_server_ingest"]),
+                 ("segments matching duckdb", f"{pr['segments_checked'] - pr['mismatched_segments']}"
+                                              f"/{pr['segments_checked']}")]
+    return rows
+
+
+def mismatches(res: dict[str, Any]) -> list[str]:
+    out = []
+    for c in res.get("peer", {}).get("checks", []):
+        if c["only_server"] or c["only_peer"]:
+            out.append(f"MISMATCH {c['name']} ({c['segment']}): server {c['server']}, duckdb "
+                       f"{c['peer_at_lo']}..{c['peer_at_hi']}; only in server: "
+                       f"{c['only_server'][:20]} ({len(c['only_server'])}); only in duckdb: "
+                       f"{c['only_peer'][:20]} ({len(c['only_peer'])})")
+    return out
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--users", type=int, default=10_000)
-    p.add_argument("--events", type=int, default=1_000_000)
-    p.add_argument("--segments", type=int, default=10)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--users", type=int, default=FULL["users"])
+    p.add_argument("--events", type=int, default=FULL["events"])
     p.add_argument("--batch", type=int, default=5000)
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--repeat", type=int, default=1)
-    p.add_argument("--quick", action="store_true", help="100k events")
-    args = p.parse_args()
-    if args.quick:
-        args.events = 100_000
-    runs = [run(args) for _ in range(args.repeat)]
-    rates = sorted(r["events_per_s"] for r in runs)  # type: ignore[misc]
-    result = dict(runs[len(runs) // 2])
-    result["events_per_s_runs"] = rates
-    result["machine"] = {"python": platform.python_version(), "cpus": __import__("os").cpu_count()}
-    result["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    print(f"{'figure':<28}{'value':>14}")
-    for k in ("users", "events", "segments", "accepted", "seconds", "events_per_s",
-              "server_cpu_s", "cpu_s_per_1k_events", "rss_mb", "rss_bytes_per_event"):
-        print(f"{k:<28}{result[k]!s:>14}")
-    out = Path(__file__).parent / "results" / "ingest.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written {out}")
+    p.add_argument("--days", type=int, default=90)
+    p.add_argument("--peer", action="store_true", help="also run the DuckDB peer and check")
+    p.add_argument("--threads", type=int, default=None, help="DuckDB threads (default: all)")
+    p.add_argument("--without", nargs="*", default=[], metavar="NAME",
+                   help="leave out these segments (by name; to find a costly one)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"{QUICK['users']} users, {QUICK['events']} events")
+    a = p.parse_args()
+    stop_on_sigterm()
+    if a.quick:
+        a.users, a.events = QUICK["users"], QUICK["events"]
+    res = run(a.users, a.events, a.batch, a.concurrency, a.seed, a.days, a.peer, a.threads,
+              a.without)
+    print_rows(report(res))
+    print(f"written {save('peer' if a.peer else 'ingest', res)}")
+    bad = mismatches(res)
+    for line in bad:
+        print(line, file=sys.stderr)
+    if bad:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,23 +26,42 @@ def free_port() -> int:
 class ServerProc:
     """`segactors serve` on 127.0.0.1 with a fresh data dir; stopped on exit."""
 
-    def __init__(self, data_dir: str | None = None, extra_env: dict[str, str] | None = None):
+    def __init__(self, data_dir: str | None = None, extra_env: dict[str, str] | None = None,
+                 start_timeout: float = 30.0, wait: bool = True):
+        """``wait=False`` returns at once after spawning (see ``wait_healthy``)."""
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="segactors-bench-")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "SEGACTORS_ROOT_TOKEN": ROOT, **(extra_env or {})}
+        self.started = time.perf_counter()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "segactors.cli", "serve", "--port", str(self.port),
              "--data-dir", self.data_dir], env=env, stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        if wait and not self.wait_healthy(start_timeout):
+            self.stop()
+            raise RuntimeError("server did not start")
+
+    def wait_healthy(self, timeout: float, poll: float = 0.1) -> bool:
+        """Poll /healthz until it answers 200 (True) or ``timeout`` seconds pass."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
             try:
                 if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
+                    return True
             except httpx.HTTPError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("server did not start")
+                pass
+            time.sleep(poll)
+        return False
+
+    def kill(self) -> None:
+        """SIGKILL (kill -9) and reap: nothing is flushed or closed."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def remove_data_dir(self) -> None:
+        """Delete the data dir (after stop or kill)."""
+        shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def rss_bytes(self) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():

@@ -1,0 +1,9 @@
+"""Scenario: backfill (see bench/scale.py, which loads the server the same way for all three).
+
+    python -m bench.backfill [--quick] [--users 1000000] [--events 20000000]
+"""
+
+from bench.scale import main
+
+if __name__ == "__main__":
+    main(["backfill"], "backfill")
