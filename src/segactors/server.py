@@ -13,6 +13,7 @@ import hmac
 import secrets
 from collections import deque
 from collections.abc import Callable
+from itertools import islice
 from typing import Any
 
 import msgspec
@@ -70,6 +71,7 @@ class Server:
         self.webhooks = Deliverer(lambda sid: self.logs[sid], self._save_webhook,
                                   first_backoff=config.webhook_first_backoff)
         self._loaded_hooks: list[Webhook] = []
+        self.recovered = asyncio.Event()  # Set once every restored user is up to date.
         self._prune_queue: deque[tuple[System, list[str], int]] | None = None
         self._last_prune = config.clock()
         self.pruned = 0
@@ -92,6 +94,7 @@ class Server:
         if background:
             for hook in self._loaded_hooks:
                 self.webhooks.start(hook)
+            self._tasks.append(asyncio.create_task(self.run_recovery(), name="segactors-recovery"))
             self._tasks.append(asyncio.create_task(self._ticker(), name="segactors-ticker"))
             self._tasks.append(asyncio.create_task(self._backfiller(), name="segactors-backfill"))
 
@@ -162,18 +165,26 @@ class Server:
                 self.logs[sid].restore(Change(seq, seg_id, uid, change, at))
         finally:
             con.close()
-        now = self.clock()
         for system in self.systems.values():
             system.seq = self.logs[system.id].last_seq
-            out: list[Change] = []
-            for uid in list(system.users):
-                system.evaluate_user(uid, min(last, now), min(last, now), out)
+            system.loaded(last)
             for seg in system.segments.values():
                 if seg.status is Status.PENDING:
-                    self._activate(system, seg)
-            due, _ = system.tick(now)
-            out.extend(due)
-            self._emit(system, out)
+                    self._backfills.append((system, seg))
+        self._backfill_wake.set()
+
+    async def run_recovery(self) -> None:
+        """Recover restored users in slices that yield, so the server serves meanwhile;
+        a user touched by an event first is recovered then (see ``System.recover``)."""
+        step = self.config.backfill_slice
+        for system in list(self.systems.values()):
+            while system.unrecovered:
+                uids = list(islice(system.unrecovered, step))
+                out: list[Change] = []
+                system.recover(uids, self.clock(), out)
+                self._emit(system, out)
+                await asyncio.sleep(0)
+        self.recovered.set()
 
     def _load_segment(self, system: System, seg_id: str, body: dict[str, Any]) -> None:
         if body.get("builtin"):

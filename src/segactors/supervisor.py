@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import heapq
 from bisect import insort
+from sys import intern
 import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -119,6 +120,8 @@ class System:
         self.seq = 0
         self.next_idx = 0
         self.deadlines = DeadlineHeap()
+        self.recover_at = 0
+        self.unrecovered: set[str] = set()
         self._by_atom: dict[int, list[Segment]] = {}
         self._by_prop: dict[str, list[Segment]] = {}
         self._seen: list[Segment] = []
@@ -264,12 +267,38 @@ class System:
 
     def load_event(self, uid: str, name: str, ts: int, raw: bytes | None,
                    sid: str | None) -> None:
-        """Restore a stored event without evaluating anything (start-up)."""
+        """Restore a stored event without evaluating anything (start-up). Call
+        ``loaded`` when every event is in."""
         u = self.users.get(uid)
         if u is None:
             u = self.users[uid] = UserActor(uid)
-        u.add_event(self, ts, name, None, raw, sid)
+        u.events.append((ts, intern(name), raw, None if sid is None else intern(sid)))
+        u.all_ts.append(ts)
         self.events += 1
+
+    def loaded(self, last: int) -> None:
+        """After start-up loading: every user still has to be recovered (``recover``)
+        from instant ``last``, when the stored state was last written."""
+        for u in self.users.values():
+            u.all_ts.sort()
+        self.recover_at = last
+        self.unrecovered = set(self.users)
+
+    def recover(self, uids: Iterable[str], now: int, out: list[Change]) -> None:
+        """Bring restored users up to ``now``: evaluate every segment at the instant the
+        state was stored (a change found then is emitted at that instant), then apply each
+        time-driven change that came due since, at its own instant. O(segments) per user."""
+        for uid in uids:
+            u = self.users.get(uid)
+            if u is not None and uid in self.unrecovered:
+                self._recover(u, now, out)
+
+    def _recover(self, u: UserActor, now: int, out: list[Change]) -> None:
+        self.unrecovered.discard(u.uid)
+        at = min(self.recover_at, now)
+        nxt = self._evaluate(u, self.segments.values(), at, at, out)
+        self._schedule(u, nxt, fresh=True)
+        self._advance(u, now, out)
 
     def load_profile(self, uid: str, props: dict[str, Any]) -> None:
         u = self.users.get(uid)
@@ -286,6 +315,8 @@ class System:
         if u is None:
             u = self.users[uid] = UserActor(uid)
             return u, True
+        if self.unrecovered and uid in self.unrecovered:
+            self._recover(u, now, out)
         self._advance(u, now, out)
         return u, False
 
@@ -337,18 +368,11 @@ class System:
         ``out`` still receives the time-driven changes of other segments that come due.
         """
         for uid in uids:
-            u = self.users.get(uid)
+            u, _ = self._user(uid, now, out) if uid in self.users else (None, False)
             if u is None:
                 continue
-            self._advance(u, now, out)
             nxt = self._evaluate(u, (seg,), now, now, out)
             self._schedule(u, nxt, fresh=False)
-
-    def evaluate_user(self, uid: str, now: int, at: int, out: list[Change]) -> None:
-        """Re-evaluate every segment for one user (used at restart)."""
-        u = self.users[uid]
-        nxt = self._evaluate(u, self.segments.values(), now, at, out)
-        self._schedule(u, nxt, fresh=True)
 
     def estimate(self, segment: CompiledSegment, atoms: AtomRegistry, now: int,
                  uids: Iterable[str], into: list[str]) -> None:

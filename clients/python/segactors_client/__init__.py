@@ -14,6 +14,7 @@ change once, in order, across dropped connections, ``overflow`` and server resta
 from __future__ import annotations
 
 import asyncio
+from contextlib import aclosing
 import json
 import random
 from collections.abc import AsyncIterator, Iterable
@@ -231,9 +232,11 @@ class SegactorsClient:
                 msg["since"] = last
             return msg
 
-        async for item in self._run(system, op, since, "subscribed"):
-            assert isinstance(item, Change)
-            yield item
+        # aclosing: closing this generator closes the connection at once, not at GC.
+        async with aclosing(self._run(system, op, since, "subscribed")) as items:
+            async for item in items:
+                assert isinstance(item, Change)
+                yield item
 
     async def watch_user(self, system: str, user_id: str, user_token: str,
                          since: int | None = None) -> AsyncIterator[Memberships | Change]:
@@ -247,8 +250,9 @@ class SegactorsClient:
                 msg["since"] = last
             return msg
 
-        async for item in self._run(system, op, since, "memberships"):
-            yield item
+        async with aclosing(self._run(system, op, since, "memberships")) as items:
+            async for item in items:
+                yield item
 
     async def _run(self, system: str, make_op: Any, since: int | None,
                    ready: str) -> AsyncIterator[Memberships | Change]:
