@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from segactors.rules.evaluate import (
-    ALL_SESSIONS, NEVER, SessionState, Matches, seen_props, sorted_insert, unanswered, unanswered_add_a, unanswered_add_not,
+    ALL_SESSIONS, EMPTY, NEVER, SessionState, Matches, seen_props, sorted_insert, unanswered, unanswered_add_a, unanswered_add_not,
 )
 
 if TYPE_CHECKING:
@@ -48,10 +48,14 @@ class UserActor:
     """
 
     __slots__ = ("uid", "props", "all_ts", "events", "matches", "deadline", "sessions",
-                 "scache")
+                 "scache", "born")
 
-    def __init__(self, uid: str) -> None:
+    def __init__(self, uid: str, born: int = 0) -> None:
         self.uid = uid
+        # Atoms (and pairs) with an id below `born` existed when the user appeared, so every
+        # event of the user went through them: no entry in `matches` means none matched.
+        # Later atoms are built from `events` when first read.
+        self.born = born
         self.props: dict[str, Any] = {}
         self.all_ts: list[int] = []
         # (ts, name, encoded props or None, session_id) in arrival order.
@@ -83,22 +87,35 @@ class UserActor:
         for atom in registry.by_event.get(name, ()):
             m = matches.get(atom.id)
             if m is None:
-                changed.append(atom.id)  # Built lazily, from `events`, when first read.
-                continue
-            before = len(m.ts)
+                if atom.id >= self.born:
+                    changed.append(atom.id)  # Built lazily, from `events`, when first read.
+                    continue
+                m = EMPTY
             if props is None:
                 props = props_of(raw)
-            atom.record(m, ts, props, sid)
-            if len(m.ts) != before:
-                changed.append(atom.id)
-                for pair in registry.pairs_by_atom.get(atom.id, ()):
-                    good = matches.get(pair.id)
-                    if good is None:
-                        continue
-                    if pair.not_ == atom.id:
-                        unanswered_add_not(good.ts, ts, pair.within)
-                    if pair.a == atom.id:
-                        unanswered_add_a(good.ts, matches[pair.not_].ts, ts, pair.within)
+            if m is EMPTY:
+                m = atom.new_matches()
+                atom.record(m, ts, props, sid)
+                if not m.ts:
+                    continue
+                matches[atom.id] = m
+            else:
+                before = len(m.ts)
+                atom.record(m, ts, props, sid)
+                if len(m.ts) == before:
+                    continue
+            changed.append(atom.id)
+            for pair in registry.pairs_by_atom.get(atom.id, ()):
+                good = matches.get(pair.id)
+                if good is None and pair.id >= self.born:
+                    continue  # Built lazily when first read.
+                if good is None or good is EMPTY:
+                    good = matches[pair.id] = Matches(False, False)
+                if pair.not_ == atom.id:
+                    unanswered_add_not(good.ts, ts, pair.within)
+                if pair.a == atom.id:
+                    nots = matches.get(pair.not_, EMPTY)  # Absent: none (born before it).
+                    unanswered_add_a(good.ts, nots.ts, ts, pair.within)
         return changed
 
     def prune(self, cutoff: int) -> int:
@@ -152,6 +169,8 @@ class ActorCtx:
     def session_cache(self, key: object) -> tuple[SessionState | None, str | None]:
         if self._scratch is not None:
             return None, ALL_SESSIONS
+        if not self.actor.session_starts():
+            return None, ALL_SESSIONS  # No session: nothing to keep.
         caches = self.actor.scache
         if caches is None:
             caches = self.actor.scache = {}
@@ -162,6 +181,8 @@ class ActorCtx:
 
     def m(self, atom_id: int) -> Matches:
         got = self._kept.get(atom_id)
+        if got is None and self._scratch is None and atom_id < self.actor.born:
+            return EMPTY
         if got is None:
             registry = self._scratch if self._scratch is not None else self.system.atoms
             atom = registry.by_id[atom_id]
@@ -171,7 +192,8 @@ class ActorCtx:
             for ts, name, raw, sid in self.actor.events:
                 if name == event:
                     atom.record(got, ts, _NO_PROPS if plain else props_of(raw), sid)
-            self._kept[atom_id] = got
+            # Most users match most atoms never: they share one read-only empty list.
+            self._kept[atom_id] = got if got.ts else EMPTY
         return got
 
     def unanswered(self, pair_id: int) -> list[int] | None:
@@ -179,11 +201,13 @@ class ActorCtx:
         if self._scratch is not None:
             return None
         got = self._kept.get(pair_id)
+        if got is None and pair_id < self.actor.born:
+            return EMPTY.ts
         if got is None:
             pair = self.system.atoms.by_id[pair_id]
             got = Matches(False, False)
             got.ts = unanswered(self.m(pair.a).ts, self.m(pair.not_).ts, pair.within)
-            self._kept[pair_id] = got
+            self._kept[pair_id] = got if got.ts else EMPTY
         return got.ts
 
     def profile(self, now: int) -> Mapping[str, Any]:

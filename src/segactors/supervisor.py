@@ -313,7 +313,7 @@ class System:
     def _user(self, uid: str, now: int, out: list[Change]) -> tuple[UserActor, bool]:
         u = self.users.get(uid)
         if u is None:
-            u = self.users[uid] = UserActor(uid)
+            u = self.users[uid] = UserActor(uid, len(self.atoms.by_id))
             return u, True
         if self.unrecovered and uid in self.unrecovered:
             self._recover(u, now, out)

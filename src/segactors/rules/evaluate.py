@@ -57,8 +57,7 @@ class Matches:
 
     def only_session(self, sid: str) -> Matches:
         """The events of session ``sid``. O(1)."""
-        assert self.by_sid is not None
-        return self.by_sid.get(sid, EMPTY)
+        return EMPTY if self.by_sid is None else self.by_sid.get(sid, EMPTY)
 
     def _check(self) -> None:
         assert self.ts == sorted(self.ts)
