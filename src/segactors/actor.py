@@ -134,7 +134,10 @@ class UserActor:
                 if e[0] < cutoff:
                     first_by_name.pop(e[1])  # Keep only one of equal first timestamps.
         self.events = kept
-        _drop_before(self.all_ts, None, cutoff)
+        # Keep the first and the latest older one: first_seen and last_seen read them.
+        k = bisect_left(self.all_ts, cutoff)
+        if k > 2:
+            del self.all_ts[1:k - 1]
         for m in self.matches.values():
             # Session-scope atoms are never pruned: their segments look back forever.
             _drop_before(m.ts, m.vals, cutoff)

@@ -390,7 +390,15 @@ class System:
 
     def retention_cutoff(self, now: int, minimum: int) -> int | None:
         """Events before this instant may be forgotten: none of the live segments looks
-        further back than ``max(minimum, their lookback)``. None when one looks back forever."""
+        further back than ``max(minimum, their lookback)``. None when one looks back forever.
+
+        Work still owed for earlier instants (overdue deadlines, users not yet recovered
+        after a restart) is judged from those instants."""
+        due = self.deadlines.peek()
+        if due is not None and due < now:
+            now = due
+        if self.unrecovered:
+            now = min(now, self.recover_at)
         keep = minimum
         for seg in self.segments.values():
             if seg.builtin or not seg.live_at(now):
@@ -401,7 +409,10 @@ class System:
             keep = max(keep, lb)
         return now - keep
 
-    def prune(self, uids: Iterable[str], cutoff: int) -> int:
+    def prune(self, uids: Iterable[str], cutoff: int | None) -> int:
+        """Forget the events of ``uids`` before ``cutoff`` (None: keep everything)."""
+        if cutoff is None:
+            return 0
         dropped = 0
         for uid in uids:
             u = self.users.get(uid)
