@@ -273,7 +273,7 @@ class Server:
             raw = _json.encode(e.props) if e.props else None
             system.apply_event(e.user_id, e.name, ts, e.props, e.session_id, now, out, raw)
             chunk.append((system.id, e.user_id, e.name, ts, e.id, e.session_id, raw))
-            if k % 2000 == 1999:
+            if k % self.config.ingest_slice == self.config.ingest_slice - 1:
                 futs.append(self._emit(system, out, [(INSERT_EVENT, chunk)]))
                 out, chunk = [], []
                 await asyncio.sleep(0)
@@ -522,7 +522,7 @@ class Server:
         self.prune_step(now)
         more = False
         for system in self.systems.values():
-            out, m = system.tick(now, limit=self.config.backfill_slice)
+            out, m = system.tick(now, limit=self.config.ingest_slice)
             self._emit(system, out)
             dropped = self.logs[system.id].trim(now)
             if dropped:
