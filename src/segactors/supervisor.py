@@ -121,6 +121,7 @@ class System:
         self.next_idx = 0
         self.deadlines = DeadlineHeap()
         self.recover_at = 0
+        self._payloads: dict[bytes, bytes] = {}
         self.unrecovered: set[str] = set()
         self._by_atom: dict[int, list[Segment]] = {}
         self._by_prop: dict[str, list[Segment]] = {}
@@ -272,9 +273,22 @@ class System:
         u = self.users.get(uid)
         if u is None:
             u = self.users[uid] = UserActor(uid)
-        u.events.append((ts, intern(name), raw, None if sid is None else intern(sid)))
+        u.events.append((ts, intern(name), self._share(raw),
+                         None if sid is None else intern(sid)))
         u.all_ts.append(ts)
         self.events += 1
+
+    def _share(self, raw: bytes | None) -> bytes | None:
+        """One copy of each short, common props payload (same page, same referrer...):
+        a bounded table, so unique payloads cost nothing more than themselves."""
+        if raw is None or len(raw) > 96:
+            return raw
+        got = self._payloads.get(raw)
+        if got is not None:
+            return got
+        if len(self._payloads) < 65_536:
+            self._payloads[raw] = raw
+        return raw
 
     def loaded(self, last: int) -> None:
         """After start-up loading: every user still has to be recovered (``recover``)
@@ -328,7 +342,7 @@ class System:
         u, new = self._user(uid, now, out)
         if raw is None and props:
             raw = msgspec.json.encode(props)
-        changed = u.add_event(self, ts, name, props, raw, sid)
+        changed = u.add_event(self, ts, name, props, self._share(raw), sid)
         if new:
             segs: Iterable[Segment] = self.segments.values()
         else:
