@@ -118,6 +118,14 @@ class UserActor:
                     unanswered_add_a(good.ts, nots.ts, ts, pair.within)
         return changed
 
+    def set_props(self, props: dict[str, Any]) -> None:
+        """Apply one profile update: ``None`` removes a property."""
+        for k, v in props.items():
+            if v is None:
+                self.props.pop(k, None)
+            else:
+                self.props[k] = v
+
     def prune(self, cutoff: int) -> int:
         """Forget events before ``cutoff``, keeping the first of every list (``first_did``,
         ``first_seen`` and ``restarted`` read it) and the first raw event of each name.

@@ -318,11 +318,7 @@ class System:
         u = self.users.get(uid)
         if u is None:
             u = self.users[uid] = UserActor(uid)
-        for k, v in props.items():
-            if v is None:
-                u.props.pop(k, None)
-            else:
-                u.props[k] = v
+        u.set_props(props)
 
     def _user(self, uid: str, now: int, out: list[Change]) -> tuple[UserActor, bool]:
         u = self.users.get(uid)
@@ -363,11 +359,7 @@ class System:
                       out: list[Change]) -> None:
         """Apply one profile update (``None`` removes a property) and re-evaluate."""
         u, new = self._user(uid, now, out)
-        for k, v in props.items():
-            if v is None:
-                u.props.pop(k, None)
-            else:
-                u.props[k] = v
+        u.set_props(props)
         if new:
             segs: Iterable[Segment] = self.segments.values()
         else:
