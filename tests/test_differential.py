@@ -664,11 +664,9 @@ def test_pruning_old_events_keeps_last_seen() -> None:
     assert set(h.sys_.segments["s0"].members) == {"u"}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: UserActor.prune keeps only the first raw event of each NAME, so a "
-    "first_did (or restarted) with a `where`, created after a prune, misses the first "
-    "event that passes the filter (DESIGN.md: pruning keeps what 'first ever' rules need)"))
 def test_pruning_keeps_the_first_event_a_later_first_did_with_where_needs() -> None:
+    # Regression: prune kept only the first raw event of each NAME, so a first_did with a
+    # `where`, created after a prune, missed the first event passing the filter.
     h = Harness(0, "prune first_did")
     h.event(ev("u", "buy", T - 100 * DAY, plan="basic"), T)
     h.event(ev("u", "buy", T - 99 * DAY, plan="pro"), T)

@@ -128,19 +128,23 @@ class UserActor:
 
     def prune(self, cutoff: int) -> int:
         """Forget events before ``cutoff``, keeping the first of every list (``first_did``,
-        ``first_seen`` and ``restarted`` read it) and the first raw event of each name.
-        Returns how many raw events were dropped. O(events)."""
-        first_by_name: dict[str, int] = {}
-        for ts, name, _raw, _sid in self.events:
-            if ts < first_by_name.get(name, ts + 1):
-                first_by_name[name] = ts
+        ``first_seen`` and ``restarted`` read it) and, of the raw events, the first of each
+        name and props payload: a filter reads only the props, so whatever filter a segment
+        created later uses, the first event it matches is kept. Returns how many raw events
+        were dropped. O(events)."""
+        first: dict[tuple[str, bytes | None], int] = {}
+        for ts, name, raw, _sid in self.events:
+            key = (name, raw)
+            if ts < first.get(key, ts + 1):
+                first[key] = ts
         before = len(self.events)
         kept = []
         for e in self.events:
-            if e[0] >= cutoff or first_by_name.get(e[1]) == e[0]:
+            if e[0] >= cutoff:
                 kept.append(e)
-                if e[0] < cutoff:
-                    first_by_name.pop(e[1])  # Keep only one of equal first timestamps.
+            elif first.get((e[1], e[2])) == e[0]:
+                kept.append(e)
+                del first[(e[1], e[2])]  # Keep one of equal first timestamps.
         self.events = kept
         # Keep the first and the latest older one: first_seen and last_seen read them.
         k = bisect_left(self.all_ts, cutoff)
