@@ -11,7 +11,7 @@ from conftest import MS, FakeClock
 from segactors.timefmt import format_ts
 
 
-def wait_for(fn: Any, timeout: float = 3000 * MS) -> Any:
+def wait_for(fn: Any, timeout: float = 10_000 * MS) -> Any:
     """Poll ``fn`` until it returns something truthy (bounded)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
