@@ -699,3 +699,13 @@ def test_after_kill_9_and_restart_a_resume_with_since_gets_exactly_the_missed_ch
         assert rest == as_msgs(changes(c, 10))
         assert [(m["seq"], m["segment"], m["change"]) for m in rest] == [
             (11, ny, "leave"), (12, ny, "leave"), (13, ny, "leave")]
+
+
+def test_a_stream_of_an_unknown_system_is_refused_with_404(client: TestClient) -> None:
+    from starlette.testclient import WebSocketDenialResponse
+
+    with pytest.raises(WebSocketDenialResponse) as denied:
+        with client.websocket_connect("/v1/systems/nope/stream"):
+            pass
+    assert denied.value.status_code == 404
+    assert denied.value.json()["error"]["code"] == "not_found"

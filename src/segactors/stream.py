@@ -9,7 +9,9 @@ from typing import Any
 import msgspec
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from segactors.errors import Gone
+from starlette.responses import JSONResponse
+
+from segactors.errors import Gone, NotFound
 from segactors.hub import Subscriber, SubState, encode_change
 from segactors.server import Server, user_token
 
@@ -170,11 +172,16 @@ async def _writer(conn: Connection) -> None:
 async def stream(ws: WebSocket) -> None:
     srv: Server = ws.app.state.server
     sid = ws.path_params["sys"]
-    await ws.accept()
     if sid not in srv.systems:
-        await ws.send_text(_error("not_found", f"unknown system {sid!r}").decode())
-        await ws.close(code=1008)
+        # As on HTTP: 404 in the contract's error shape, before the upgrade when the server
+        # can send an HTTP response there, otherwise a close with policy violation.
+        if "websocket.http.response" in ws.scope.get("extensions", {}):
+            err = NotFound(f"unknown system {sid!r}")
+            await ws.send_denial_response(JSONResponse(err.to_body(), status_code=err.status))
+        else:
+            await ws.close(code=1008, reason=f"unknown system {sid!r}")
         return
+    await ws.accept()
     token = ws.query_params.get("token")
     h = ws.headers.get("authorization", "")
     if h.lower().startswith("bearer "):
