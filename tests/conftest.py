@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 import pytest
 from starlette.testclient import TestClient
@@ -17,6 +21,23 @@ BASE_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 
 # Real-time waits in tests are multiples of this unit; raise it on slow machines.
 MS = float(os.environ.get("SEGACTORS_TEST_MS", "1")) / 1000
+
+
+def ok(r: httpx.Response, status: int = 200) -> Any:
+    """The JSON body of a response that must have ``status``."""
+    assert r.status_code == status, r.text
+    return r.json() if r.content else None
+
+
+def wait_until(pred: Any, timeout: float = 10.0, step: float = 0.02) -> Any:
+    """Poll ``pred`` until it returns something truthy; bounded by ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(step)
+    raise AssertionError(f"condition not met within {timeout}s")
 
 
 class FakeClock:

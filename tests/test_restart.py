@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from segactors.timefmt import format_ts
+from conftest import ok, wait_until
 from serverproc import ServerProc, server_proc  # noqa: F401 - fixture
 
 BUY_RECENT = {"name": "recent buyers", "window": {"last": "3s"},
@@ -25,19 +26,6 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def ok(r: httpx.Response, status: int = 200) -> Any:
-    assert r.status_code == status, r.text
-    return r.json() if r.content else None
-
-
-def wait_until(pred: Any, timeout: float = 10.0, step: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(step)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def all_changes(c: httpx.Client, sid: str = "shop") -> list[dict[str, Any]]:

@@ -26,7 +26,7 @@ import websockets
 from starlette.testclient import TestClient
 from websockets.asyncio.client import connect
 
-from conftest import BASE_MS, FakeClock, make_client
+from conftest import BASE_MS, FakeClock, make_client, ok, wait_until
 from segactors.timefmt import format_ts
 from serverproc import ServerProc, server_proc  # noqa: F401 - fixture
 
@@ -71,19 +71,6 @@ def recv_n(ws: Any, n: int) -> list[dict[str, Any]]:
     return [recv(ws) for _ in range(n)]
 
 
-def ok(r: httpx.Response, status: int = 200) -> Any:
-    assert r.status_code == status, r.text
-    return r.json() if r.content else None
-
-
-def wait_until(pred: Any, timeout: float = 10.0, step: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(step)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def segment(client: TestClient | httpx.Client, body: dict[str, Any]) -> str:

@@ -7,19 +7,13 @@ from typing import Any
 
 from starlette.testclient import TestClient
 
-from conftest import MS, FakeClock
+from conftest import MS, FakeClock, wait_until
 from segactors.timefmt import format_ts
 
 
 def wait_for(fn: Any, timeout: float = 10_000 * MS) -> Any:
-    """Poll ``fn`` until it returns something truthy (bounded)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        got = fn()
-        if got:
-            return got
-        time.sleep(10 * MS)
-    raise AssertionError("condition not met in time")
+    """Poll ``fn`` until it returns something truthy (bounded, in scalable units)."""
+    return wait_until(fn, timeout, 10 * MS)
 
 
 def new_segment(client: TestClient, definition: dict[str, Any]) -> str:
