@@ -115,7 +115,6 @@ class CompiledSegment:
     atoms: set[int] = field(default_factory=set)
     profile_props: set[str] = field(default_factory=set)
     refs: set[str] = field(default_factory=set)
-    needs_sessions: bool = False
     # How far back its event rules look (ms), beyond the first matching event of each atom,
     # which is always kept; None when unbounded (an all-time or fixed window).
     lookback: int | None = 0

@@ -20,7 +20,6 @@ from segactors.rules.filters import Predicate, eq_key
 from segactors.timefmt import format_ts, parse_rfc3339
 
 NEVER = 1 << 62
-NO_TS: list[int] = []
 
 
 class Matches:
