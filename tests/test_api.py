@@ -1235,3 +1235,12 @@ def test_an_empty_batch_is_accepted_and_changes_nothing(
     r = client.post(f"{SHOP}/events", json=[])
     assert (r.status_code, r.json()) == (202, {"accepted": 0, "duplicates": 0})
     assert counts(client) == (0, 0, 2)
+
+
+def test_the_write_key_of_a_system_named_root_is_not_the_root_token(client: TestClient) -> None:
+    keys = client.post("/v1/systems", json={"id": "root"}).json()
+    as_writer = {"Authorization": f"Bearer {keys['write_key']}"}
+    assert client.get("/v1/systems", headers=as_writer).status_code == 403
+    r = client.post("/v1/systems/root/events", headers=as_writer,
+                    json={"user_id": "u", "name": "n", "ts": 1_767_225_600_000})
+    assert r.status_code == 202

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -15,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 
+from segactors.actor import ActorCtx
 from segactors.config import Config
 from segactors.definition import Window
 from segactors.errors import (
@@ -22,7 +22,7 @@ from segactors.errors import (
     UnsupportedMediaType,
 )
 from segactors.export import members_csv, members_xlsx, report
-from segactors.server import Server, count_rules, user_token
+from segactors.server import ROOT, Server, count_rules, user_token_valid
 from segactors.supervisor import Change, Segment, System
 from segactors.timefmt import format_ts
 from segactors.wire import (
@@ -31,7 +31,6 @@ from segactors.wire import (
 
 _enc = msgspec.json.Encoder()
 
-ROOT = "root"
 
 
 class JSON(Response):
@@ -78,12 +77,10 @@ def who(srv: Server, token: str | None) -> str:
     """``ROOT`` or the id of the system whose write key ``token`` is; 401 otherwise."""
     if token is None:
         raise Unauthorized("missing bearer token")
-    if hmac.compare_digest(token.encode(), srv.root_token.encode()):
-        return ROOT
-    sid = srv.by_write_key.get(token)
-    if sid is None:
+    caller = srv.identify(token)
+    if caller is None:
         raise Unauthorized("invalid token")
-    return sid
+    return caller
 
 
 def need_root(request: Request) -> Server:
@@ -305,10 +302,8 @@ async def estimate(request: Request) -> Response:
 
 
 def profile_json(srv: Server, system: System, uid: str) -> dict[str, Any]:
-    from segactors.rules.evaluate import seen_props
-
-    u = system.users[uid]
-    return {**u.props, **seen_props(u.all_ts, srv.clock())}
+    """What rules read: the properties set by updates plus first_seen/last_seen now."""
+    return dict(ActorCtx(system.users[uid], system).profile(srv.clock()))
 
 
 @route
@@ -329,7 +324,7 @@ async def user_segments(request: Request) -> Response:
     token = request.query_params.get("user_token")
     if token is not None and bearer(request) is None:
         system = srv.system(sid)
-        if not hmac.compare_digest(token, user_token(system.secret, uid)):
+        if not user_token_valid(system.secret, uid, token):
             raise Unauthorized("user_token is not valid for this user")
     else:
         srv, system = need_system(request)

@@ -51,9 +51,18 @@ def count_rules(rules: list[Any]) -> int:
     return sum(1 + (count_rules(r.rules) if hasattr(r, "rules") else 0) for r in rules)
 
 
+# What `identify` returns for the root token: no system id can take this value.
+ROOT = ":root"
+
+
 def user_token(secret: str, user_id: str) -> str:
     """``hex(HMAC-SHA256(secret, user_id))``, as the customer's backend computes it."""
     return hmac.new(secret.encode(), user_id.encode(), hashlib.sha256).hexdigest()
+
+
+def user_token_valid(secret: str, user_id: str, token: object) -> bool:
+    return isinstance(token, str) and hmac.compare_digest(
+        token.encode(), user_token(secret, user_id).encode())
 
 
 class Server:
@@ -74,11 +83,9 @@ class Server:
         self.recovered = asyncio.Event()  # Set once every restored user is up to date.
         self._prune_queue: deque[tuple[System, list[str], int]] | None = None
         self._last_prune = config.clock()
-        self.pruned = 0
         self._backfills: deque[tuple[System, Segment]] = deque()
         self._backfill_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self.last_tick = 0
 
     # Lifecycle
 
@@ -204,6 +211,12 @@ class Server:
         self.logs[system.id] = ChangeLog(self.config.change_retention_ms,
                                          self.config.change_retention_count)
         self.by_write_key[system.write_key] = system.id
+
+    def identify(self, token: str) -> str | None:
+        """``ROOT`` for the root token, the system id for a write key, else None."""
+        if hmac.compare_digest(token.encode(), self.root_token.encode()):
+            return ROOT
+        return self.by_write_key.get(token)
 
     # Systems
 
@@ -512,7 +525,7 @@ class Server:
         system, uids, cutoff = self._prune_queue[0]
         step = uids[-self.config.backfill_slice:]
         del uids[-self.config.backfill_slice:]
-        self.pruned += system.prune(step, cutoff)
+        system.prune(step, cutoff)
         if not uids:
             self._prune_queue.popleft()
 
@@ -529,7 +542,6 @@ class Server:
                 self.store.write([("DELETE FROM changes WHERE system=? AND seq<=?",
                                    [(system.id, dropped)])])
             more = more or m
-        self.last_tick = now
         return more
 
     async def _ticker(self) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 from typing import Any
 
 import msgspec
@@ -13,7 +12,7 @@ from starlette.responses import JSONResponse
 
 from segactors.errors import Gone, NotFound
 from segactors.hub import Subscriber, SubState, encode_change
-from segactors.server import Server, user_token
+from segactors.server import ROOT, Server, user_token_valid
 
 _enc = msgspec.json.Encoder()
 
@@ -73,7 +72,7 @@ class Connection:
         if self.caller is None:
             self.sub.put(_error("unauthorized", "subscribe needs the root token"))
             return
-        if self.caller != "root":
+        if self.caller != ROOT:
             self.sub.put(_error("forbidden", "subscribe needs the root token"))
             return
         segs = self._segments(msg)
@@ -108,10 +107,8 @@ class Connection:
             self.sub.put(_error("bad_message", "'user_id' is a non-empty string"))
             return
         system = self.srv.systems[self.sid]
-        if self.caller != "root":
-            good = isinstance(token, str) and hmac.compare_digest(
-                token.encode(), user_token(system.secret, uid).encode())
-            if not good:
+        if self.caller != ROOT:
+            if not user_token_valid(system.secret, uid, token):
                 self.sub.put(_error("unauthorized", "user_token is not valid for this user"))
                 return
         since = self._since(msg)
@@ -186,12 +183,9 @@ async def stream(ws: WebSocket) -> None:
     h = ws.headers.get("authorization", "")
     if h.lower().startswith("bearer "):
         token = h[7:].strip()
-    caller = None
-    if token:
-        if hmac.compare_digest(token.encode(), srv.root_token.encode()):
-            caller = "root"
-        elif srv.by_write_key.get(token) is not None:
-            caller = "write_key"
+    caller = srv.identify(token) if token else None
+    if caller is not None and caller != ROOT:
+        caller = "write_key"
     conn = Connection(ws, srv, sid, caller)
     srv.hub.add(conn.sub)
     writer = asyncio.create_task(_writer(conn))
