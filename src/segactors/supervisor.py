@@ -123,7 +123,8 @@ class System:
         self.recover_at = 0
         self._payloads: dict[bytes, bytes] = {}
         self.unrecovered: set[str] = set()
-        self._by_atom: dict[int, list[Segment]] = {}
+        # Atom -> the segments reading it, each with its horizon for that atom.
+        self._by_atom: dict[int, list[tuple[Segment, int | None]]] = {}
         self._by_prop: dict[str, list[Segment]] = {}
         self._seen: list[Segment] = []
         self._session_scoped: list[Segment] = []
@@ -139,8 +140,8 @@ class System:
         self.next_idx += 1
         self.segments[seg.id] = seg
         c = seg.compiled
-        for a in c.atoms:
-            self._by_atom.setdefault(a, []).append(seg)
+        for a, horizon in c.atoms.items():
+            self._by_atom.setdefault(a, []).append((seg, horizon))
         for p in c.profile_props:
             if p in ("first_seen", "last_seen"):
                 self._seen.append(seg)
@@ -154,7 +155,9 @@ class System:
 
     def remove_segment(self, seg: Segment) -> None:
         del self.segments[seg.id]
-        for lst in (*self._by_atom.values(), *self._by_prop.values(), self._seen,
+        for a, readers in self._by_atom.items():
+            self._by_atom[a] = [r for r in readers if r[0] is not seg]
+        for lst in (*self._by_prop.values(), self._seen,
                     self._session_scoped):
             if seg in lst:
                 lst.remove(seg)
@@ -338,17 +341,25 @@ class System:
         u, new = self._user(uid, now, out)
         if raw is None and props:
             raw = msgspec.json.encode(props)
+        # A session that session-scope segments have not seen yet (or that starts after
+        # now) must be evaluated whatever its events: `did_not` holds on an empty session.
+        new_session = False
+        if sid is not None and self._session_scoped:
+            first = NEVER if u.sessions is None else u.sessions.get(sid, NEVER)
+            new_session = first > now
         changed = u.add_event(self, ts, name, props, self._share(raw), sid)
         if new:
             segs: Iterable[Segment] = self.segments.values()
         else:
             found: dict[int, Segment] = {}
             for a in changed:
-                for s in self._by_atom.get(a, ()):
-                    found[s.idx] = s
+                for s, horizon in self._by_atom.get(a, ()):
+                    # Past its horizon, the event cannot change the segment now or later.
+                    if horizon is None or ts + horizon > now:
+                        found[s.idx] = s
             for s in self._seen:
                 found[s.idx] = s
-            if sid is not None:
+            if new_session:
                 for s in self._session_scoped:
                     found[s.idx] = s
             segs = found.values()

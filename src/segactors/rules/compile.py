@@ -112,7 +112,9 @@ class CompiledSegment:
 
     root: ev.Node
     session_scope: bool
-    atoms: set[int] = field(default_factory=set)
+    # Each atom it reads, with its horizon: an event of that atom at ``ts`` can change the
+    # segment only at instants before ``ts + horizon`` (None: at any later instant).
+    atoms: dict[int, int | None] = field(default_factory=dict)
     profile_props: set[str] = field(default_factory=set)
     refs: set[str] = field(default_factory=set)
     # How far back its event rules look (ms), beyond the first matching event of each atom,
@@ -133,9 +135,17 @@ class _Compiler:
         self.sids = sids
         self.out = CompiledSegment(ev.Always(), sids)
 
-    def atom(self, event: str, where: list[d.Filter], value_prop: str | None = None) -> int:
+    def atom(self, event: str, where: list[d.Filter], horizon: int | None,
+             value_prop: str | None = None) -> int:
+        """The atom's id; ``horizon``: how long after its ``ts`` an event of it can still
+        change this rule (None: forever)."""
         a = self.registry.get(event, where, value_prop, self.sids)
-        self.out.atoms.add(a.id)
+        atoms = self.out.atoms
+        if a.id in atoms:
+            have = atoms[a.id]
+            atoms[a.id] = None if have is None or horizon is None else max(have, horizon)
+        else:
+            atoms[a.id] = horizon
         return a.id
 
     def win(self, w: d.Window | UnsetType, extra: int = 0) -> ev.Window:
@@ -158,29 +168,35 @@ class _Compiler:
         if isinstance(r, d.Group):
             return self.group(r.rules, r.match)
         if isinstance(r, d.Did):
-            return ev.Did(self.atom(r.event, r.where), self.win(r.window), _cmp(r.count),
+            win = self.win(r.window)
+            return ev.Did(self.atom(r.event, r.where, win.last), win, _cmp(r.count),
                           r.include_absent)
         if isinstance(r, d.DidNot):
-            return ev.DidNot(self.atom(r.event, r.where), self.win(r.window))
+            win = self.win(r.window)
+            return ev.DidNot(self.atom(r.event, r.where, win.last), win)
         if isinstance(r, d.Aggregate):
             c = r.compare
             cmp = ev.compile_compare(c.op, c.value, None if isinstance(c.to, UnsetType) else c.to)
-            return ev.Aggregate(self.atom(r.event, r.where, r.property), self.win(r.window),
+            win = self.win(r.window)
+            return ev.Aggregate(self.atom(r.event, r.where, win.last, r.property), win,
                                 r.fn, cmp, r.include_absent)
         if isinstance(r, d.FirstDid):
             # Reads only the first matching event, which is always kept.
             win = _window(self.default if isinstance(r.window, UnsetType) else r.window)
-            return ev.FirstDid(self.atom(r.event, r.where), win)
+            return ev.FirstDid(self.atom(r.event, r.where, None), win)
         if isinstance(r, d.DidThenNot):
-            a = self.atom(r.event, r.where)
-            not_ = self.atom(r.then_not.event, r.then_not.where)
             within = parse_duration(r.within)
+            win = self.win(r.window, within)
+            horizon = None if win.last is None else win.last + within
+            a = self.atom(r.event, r.where, horizon)
+            not_ = self.atom(r.then_not.event, r.then_not.where, horizon)
             pair = self.registry.pair(a, not_, within)
-            return ev.DidThenNot(a, self.win(r.window, within), not_, within, pair.id)
+            return ev.DidThenNot(a, win, not_, within, pair.id)
         if isinstance(r, d.Sequence):
             within = None if isinstance(r.within, UnsetType) else parse_duration(r.within)
-            return ev.Sequence([self.atom(s.event, s.where) for s in r.steps],
-                               self.win(r.window), within)
+            win = self.win(r.window)
+            return ev.Sequence([self.atom(s.event, s.where, win.last) for s in r.steps],
+                               win, within)
         if isinstance(r, d.Profile):
             self.out.profile_props.add(r.property)
             return ev.Profile(compile_filter(r.property, r.op, _value(r.value)), r.property)
@@ -192,15 +208,17 @@ class _Compiler:
             self.out.refs.add(r.segment)
             return ev.InSegment(r.segment, isinstance(r, d.NotInSegment))
         if isinstance(r, (d.Stopped, d.Restarted)):
-            # `restarted` also asks for an event at or before now - before: the first one.
+            # `restarted` also asks for an event at or before now - before: the first one is
+            # kept, and any old event can be it.
             before = parse_duration(r.before)
             self.needs(before)
-            return ev.Stopped(self.atom(r.event, r.where), before,
-                              parse_duration(r.recent), isinstance(r, d.Restarted))
+            restarted = isinstance(r, d.Restarted)
+            return ev.Stopped(self.atom(r.event, r.where, None if restarted else before), before,
+                              parse_duration(r.recent), restarted)
         if isinstance(r, d.Regularly):
             period = parse_duration(r.period)
             self.needs(period * r.periods)
-            return ev.Regularly(self.atom(r.event, r.where), period,
+            return ev.Regularly(self.atom(r.event, r.where, period * r.periods), period,
                                 r.periods, r.min_periods, _cmp(r.count))
         raise TypeError(f"unknown rule {r!r}")
 
