@@ -123,8 +123,8 @@ class System:
         self.recover_at = 0
         self._payloads: dict[bytes, bytes] = {}
         self.unrecovered: set[str] = set()
-        # Atom -> the segments reading it, each with its horizon for that atom.
-        self._by_atom: dict[int, list[tuple[Segment, int | None]]] = {}
+        # Atom -> the segments reading it, each with its horizon and sign for that atom.
+        self._by_atom: dict[int, list[tuple[Segment, int | None, int]]] = {}
         self._by_prop: dict[str, list[Segment]] = {}
         self._seen: list[Segment] = []
         self._session_scoped: list[Segment] = []
@@ -141,7 +141,10 @@ class System:
         self.segments[seg.id] = seg
         c = seg.compiled
         for a, horizon in c.atoms.items():
-            self._by_atom.setdefault(a, []).append((seg, horizon))
+            # A session-scope segment keeps per-session results that every event of the
+            # session must refresh, so it is never skipped by sign.
+            sign = 0 if c.session_scope else c.signs[a]
+            self._by_atom.setdefault(a, []).append((seg, horizon, sign))
         for p in c.profile_props:
             if p in ("first_seen", "last_seen"):
                 self._seen.append(seg)
@@ -191,13 +194,18 @@ class System:
         while i < len(order):
             seg = order[i]
             i += 1
-            if not seg.live_at(now):
-                continue
-            if seg.compiled.session_scope:
-                everything = seg.idx in forced or seg in self._seen
-                ctx.dirty = ALL_SESSIONS if everything else dirty
+            status = seg.status
+            if seg.ends_at is not None or status is Status.FAILED or status is Status.EXPIRED:
+                if not seg.live_at(now):
+                    continue
+            c = seg.compiled
             try:
-                holds, n = seg.compiled.eval(ctx, now, u.session_starts)
+                if c.session_scope:
+                    everything = seg.idx in forced or seg in self._seen
+                    ctx.dirty = ALL_SESSIONS if everything else dirty
+                    holds, n = c.eval(ctx, now, u.session_starts)
+                else:
+                    holds, n = c.root.eval(ctx, now)
             except Exception as e:  # A broken segment must not take the server down.
                 self.fail(seg, f"evaluation error: {e!r}")
                 continue
@@ -212,7 +220,7 @@ class System:
                 members.add(uid)
             else:
                 members.discard(uid)
-            if seg.status is Status.ACTIVE:
+            if status is Status.ACTIVE:
                 self.seq += 1
                 out.append(Change(self.seq, seg.id, uid, "enter" if holds else "leave", at))
             # Dependents come later in creation order; queue each once.
@@ -353,15 +361,23 @@ class System:
         else:
             found: dict[int, Segment] = {}
             for a in changed:
-                for s, horizon in self._by_atom.get(a, ()):
-                    # Past its horizon, the event cannot change the segment now or later.
-                    if horizon is None or ts + horizon > now:
-                        found[s.idx] = s
+                for s, horizon, sign in self._by_atom.get(a, ()):
+                    # Past its horizon, the event cannot change the segment now or later;
+                    # nor can an event that can only make a member hold, or a non-member
+                    # fail (its next change can only come later, and the deadline kept is
+                    # at or before the earlier one).
+                    if horizon is not None and ts + horizon <= now:
+                        continue
+                    if sign and (uid in s.members) == (sign > 0):
+                        continue
+                    found[s.idx] = s
             for s in self._seen:
                 found[s.idx] = s
             if new_session:
                 for s in self._session_scoped:
                     found[s.idx] = s
+            if not found:
+                return  # Nothing to evaluate: the deadline kept stays right.
             segs = found.values()
         nxt = self._evaluate(u, segs, now, now, out, dirty=ALL_SESSIONS if new else sid)
         self._schedule(u, nxt, fresh=new)

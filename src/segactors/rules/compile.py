@@ -100,6 +100,22 @@ def _cmp(c: d.Compare | UnsetType) -> ev.Cmp:
     return ev.compile_compare(c.op, c.value, None if isinstance(c.to, UnsetType) else c.to)
 
 
+def _count_sign(holds: Callable[[int], bool], c: d.Compare | UnsetType) -> int:
+    """How ``holds(n)`` moves as a count ``n`` = 0, 1, 2... grows: +1 never down, -1 never
+    up, 0 either way. Every comparison is constant past its largest bound, so the counts
+    up to it tell."""
+    top = 1.0 if isinstance(c, UnsetType) else max(
+        c.value, 0.0 if isinstance(c.to, UnsetType) else c.to)
+    if top > 1000:
+        return 0  # Not worth checking: treated as moving either way.
+    seen = [holds(n) for n in range(int(top) + 3)]
+    if all(a <= b for a, b in zip(seen, seen[1:])):
+        return 1
+    if all(a >= b for a, b in zip(seen, seen[1:])):
+        return -1
+    return 0
+
+
 def _need(match: d.Match, n: int) -> tuple[int, bool]:
     if isinstance(match, d.AtLeast):
         return match.at_least, False
@@ -115,6 +131,9 @@ class CompiledSegment:
     # Each atom it reads, with its horizon: an event of that atom at ``ts`` can change the
     # segment only at instants before ``ts + horizon`` (None: at any later instant).
     atoms: dict[int, int | None] = field(default_factory=dict)
+    # Each atom's sign: +1 when more events of it can only make the segment hold (at every
+    # instant), -1 when they can only make it fail, 0 when either (or unknown).
+    signs: dict[int, int] = field(default_factory=dict)
     profile_props: set[str] = field(default_factory=set)
     refs: set[str] = field(default_factory=set)
     # How far back its event rules look (ms), beyond the first matching event of each atom,
@@ -134,18 +153,24 @@ class _Compiler:
         self.default = default_window
         self.sids = sids
         self.out = CompiledSegment(ev.Always(), sids)
+        self.polarity = 1  # -1 under an odd number of `none` groups.
 
-    def atom(self, event: str, where: list[d.Filter], horizon: int | None,
+    def atom(self, event: str, where: list[d.Filter], horizon: int | None, sign: int,
              value_prop: str | None = None) -> int:
-        """The atom's id; ``horizon``: how long after its ``ts`` an event of it can still
-        change this rule (None: forever)."""
+        """The atom's id. ``horizon``: how long after its ``ts`` an event of it can still
+        change this rule (None: forever); ``sign``: +1 when more of its events can only
+        make the rule hold, -1 only fail, 0 either."""
         a = self.registry.get(event, where, value_prop, self.sids)
-        atoms = self.out.atoms
+        atoms, signs = self.out.atoms, self.out.signs
+        sign *= self.polarity
         if a.id in atoms:
             have = atoms[a.id]
             atoms[a.id] = None if have is None or horizon is None else max(have, horizon)
+            if signs[a.id] != sign:
+                signs[a.id] = 0
         else:
             atoms[a.id] = horizon
+            signs[a.id] = sign
         return a.id
 
     def win(self, w: d.Window | UnsetType, extra: int = 0) -> ev.Window:
@@ -158,8 +183,12 @@ class _Compiler:
         self.out.lookback = None if ms is None or have is None else max(have, ms)
 
     def group(self, rules: list[d.Rule], match: d.Match) -> ev.Node:
+        need, none = _need(match, len(rules))
+        if none:
+            self.polarity = -self.polarity  # `none` holds when no child does.
         children = [self.rule(r) for r in rules]
-        need, none = _need(match, len(children))
+        if none:
+            self.polarity = -self.polarity
         if len(children) == 1 and need == 1 and not none:
             return children[0]  # "all"/"any"/at_least 1 of one rule is that rule.
         return ev.Group(children, need, none)
@@ -169,33 +198,39 @@ class _Compiler:
             return self.group(r.rules, r.match)
         if isinstance(r, d.Did):
             win = self.win(r.window)
-            return ev.Did(self.atom(r.event, r.where, win.last), win, _cmp(r.count),
-                          r.include_absent)
+            cmp = _cmp(r.count)
+            absent = r.include_absent
+            sign = _count_sign(lambda n: absent if n == 0 else cmp(n), r.count)
+            return ev.Did(self.atom(r.event, r.where, win.last, sign), win, cmp, absent)
         if isinstance(r, d.DidNot):
             win = self.win(r.window)
-            return ev.DidNot(self.atom(r.event, r.where, win.last), win)
+            return ev.DidNot(self.atom(r.event, r.where, win.last, -1), win)
         if isinstance(r, d.Aggregate):
             c = r.compare
             cmp = ev.compile_compare(c.op, c.value, None if isinstance(c.to, UnsetType) else c.to)
             win = self.win(r.window)
-            return ev.Aggregate(self.atom(r.event, r.where, win.last, r.property), win,
-                                r.fn, cmp, r.include_absent)
+            absent = r.include_absent
+            # More events can only add distinct values; sums, averages... move either way.
+            sign = 0 if r.fn != "distinct" else _count_sign(
+                lambda n: absent if n == 0 else cmp(n), c)
+            return ev.Aggregate(self.atom(r.event, r.where, win.last, sign, r.property), win,
+                                r.fn, cmp, absent)
         if isinstance(r, d.FirstDid):
             # Reads only the first matching event, which is always kept.
             win = _window(self.default if isinstance(r.window, UnsetType) else r.window)
-            return ev.FirstDid(self.atom(r.event, r.where, None), win)
+            return ev.FirstDid(self.atom(r.event, r.where, None, 0), win)
         if isinstance(r, d.DidThenNot):
             within = parse_duration(r.within)
             win = self.win(r.window, within)
             horizon = None if win.last is None else win.last + within
-            a = self.atom(r.event, r.where, horizon)
-            not_ = self.atom(r.then_not.event, r.then_not.where, horizon)
+            a = self.atom(r.event, r.where, horizon, 1)
+            not_ = self.atom(r.then_not.event, r.then_not.where, horizon, -1)
             pair = self.registry.pair(a, not_, within)
             return ev.DidThenNot(a, win, not_, within, pair.id)
         if isinstance(r, d.Sequence):
             within = None if isinstance(r.within, UnsetType) else parse_duration(r.within)
             win = self.win(r.window)
-            return ev.Sequence([self.atom(s.event, s.where, win.last) for s in r.steps],
+            return ev.Sequence([self.atom(s.event, s.where, win.last, 1) for s in r.steps],
                                win, within)
         if isinstance(r, d.Profile):
             self.out.profile_props.add(r.property)
@@ -213,13 +248,16 @@ class _Compiler:
             before = parse_duration(r.before)
             self.needs(before)
             restarted = isinstance(r, d.Restarted)
-            return ev.Stopped(self.atom(r.event, r.where, None if restarted else before), before,
+            return ev.Stopped(self.atom(r.event, r.where, None if restarted else before, 0),
+                              before,
                               parse_duration(r.recent), restarted)
         if isinstance(r, d.Regularly):
             period = parse_duration(r.period)
             self.needs(period * r.periods)
-            return ev.Regularly(self.atom(r.event, r.where, period * r.periods), period,
-                                r.periods, r.min_periods, _cmp(r.count))
+            cmp = _cmp(r.count)
+            sign = _count_sign(cmp, r.count)  # Per period; then "at least min_periods".
+            return ev.Regularly(self.atom(r.event, r.where, period * r.periods, sign), period,
+                                r.periods, r.min_periods, cmp)
         raise TypeError(f"unknown rule {r!r}")
 
 

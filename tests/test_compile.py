@@ -1,0 +1,81 @@
+"""What the compiler tells the supervisor about each atom: its horizon and its sign.
+
+An event of an atom is not evaluated against a segment past the atom's horizon, nor when
+its sign says it cannot flip the user's membership; the differential tests check that the
+members stay exact, these check that the skips are the ones intended.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from segactors.definition import parse_definition
+from segactors.rules.compile import AtomRegistry, compile_definition
+
+MIN = 60_000
+DAY = 24 * 60 * MIN
+NOW = 1_800_000_000_000
+
+
+def compiled(rules: list[dict[str, Any]], **extra: Any) -> tuple[dict[str, tuple[Any, int]],
+                                                               bool]:
+    """Per event name (each rule here reads its own): (horizon, sign)."""
+    reg = AtomRegistry()
+    defn = parse_definition({"name": "s", "rules": rules, **extra}, NOW, lambda s: True)
+    c = compile_definition(defn, reg)
+    return {reg.by_id[a].event: (h, c.signs[a]) for a, h in c.atoms.items()}, c.session_scope
+
+
+@pytest.mark.parametrize("rule, want", [
+    ({"kind": "did", "event": "e", "window": {"last": "7d"}}, (7 * DAY, 1)),
+    ({"kind": "did", "event": "e", "count": {"op": "gte", "value": 3}}, (None, 1)),
+    ({"kind": "did", "event": "e", "count": {"op": "lt", "value": 3}}, (None, 0)),
+    ({"kind": "did", "event": "e", "count": {"op": "lt", "value": 3}, "include_absent": True},
+     (None, -1)),
+    ({"kind": "did", "event": "e", "count": {"op": "eq", "value": 0}, "include_absent": True},
+     (None, -1)),
+    ({"kind": "did", "event": "e", "count": {"op": "between", "value": 2, "to": 4}}, (None, 0)),
+    ({"kind": "did", "event": "e", "count": {"op": "gte", "value": 3}, "include_absent": True},
+     (None, 0)),
+    ({"kind": "did_not", "event": "e", "window": {"last": "5m"}}, (5 * MIN, -1)),
+    ({"kind": "first_did", "event": "e", "window": {"last": "7d"}}, (None, 0)),
+    ({"kind": "aggregate", "event": "e", "fn": "distinct", "property": "p",
+      "compare": {"op": "gte", "value": 5}, "window": {"last": "1d"}}, (DAY, 1)),
+    ({"kind": "aggregate", "event": "e", "fn": "sum", "property": "p",
+      "compare": {"op": "gte", "value": 5}}, (None, 0)),
+    ({"kind": "stopped", "event": "e", "before": "30d", "recent": "7d"}, (30 * DAY, 0)),
+    ({"kind": "restarted", "event": "e", "before": "30d", "recent": "7d"}, (None, 0)),
+    ({"kind": "regularly", "event": "e", "period": "1d", "periods": 7, "min_periods": 3},
+     (7 * DAY, 1)),
+    ({"kind": "did", "event": "e", "window": {"from": "2020-01-01T00:00:00Z"}}, (None, 1)),
+])
+def test_horizon_and_sign_of_each_rule_kind(rule: dict[str, Any], want: tuple[Any, int]) -> None:
+    got, _ = compiled([rule])
+    assert got["e"] == want
+
+
+def test_did_then_not_and_sequence_signs() -> None:
+    got, _ = compiled([
+        {"kind": "did_then_not", "event": "a", "then_not": {"event": "b"}, "within": "30m",
+         "window": {"last": "1d"}},
+        {"kind": "sequence", "steps": [{"event": "x"}, {"event": "y"}], "within": "1h",
+         "window": {"last": "2h"}},
+    ])
+    assert got["a"] == (DAY + 30 * MIN, 1)
+    assert got["b"] == (DAY + 30 * MIN, -1)
+    assert got["x"] == got["y"] == (2 * 60 * MIN, 1)
+
+
+def test_none_flips_signs_and_mixed_uses_cancel() -> None:
+    got, _ = compiled([
+        {"kind": "group", "match": "none", "rules": [
+            {"kind": "did", "event": "a"},
+            {"kind": "group", "match": "none", "rules": [{"kind": "did", "event": "b"}]}]},
+        {"kind": "did", "event": "c", "window": {"last": "1h"}},
+        {"kind": "did_not", "event": "c", "window": {"last": "2h"}},
+    ])
+    assert got["a"][1] == -1
+    assert got["b"][1] == 1
+    assert got["c"] == (2 * 60 * MIN, 0)  # The longer horizon; both signs: either way.
