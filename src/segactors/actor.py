@@ -85,35 +85,36 @@ class UserActor:
         registry = system.atoms
         matches = self.matches
         for atom in registry.by_event.get(name, ()):
-            m = matches.get(atom.id)
+            aid = atom.id
+            m = matches.get(aid)
             if m is None:
-                if atom.id >= self.born:
-                    changed.append(atom.id)  # Built lazily, from `events`, when first read.
+                if aid >= self.born:
+                    changed.append(aid)  # Built lazily, from `events`, when first read.
                     continue
                 m = EMPTY
-            if props is None:
-                props = props_of(raw)
+            where, vp = atom.where, atom.value_prop
+            if where is not None or vp is not None:
+                if props is None:
+                    props = props_of(raw)
+                if where is not None and not where(props):
+                    continue
             if m is EMPTY:
-                m = atom.new_matches()
-                atom.record(m, ts, props, sid)
-                if not m.ts:
-                    continue
-                matches[atom.id] = m
+                m = matches[aid] = atom.new_matches()
+            seen = m.ts
+            if m.vals is None and m.by_sid is None and (not seen or seen[-1] <= ts):
+                seen.append(ts)  # The common case: in order, no values, no sessions.
             else:
-                before = len(m.ts)
-                atom.record(m, ts, props, sid)
-                if len(m.ts) == before:
-                    continue
-            changed.append(atom.id)
-            for pair in registry.pairs_by_atom.get(atom.id, ()):
+                m.insert(ts, None if vp is None else props.get(vp), sid)
+            changed.append(aid)
+            for pair in registry.pairs_by_atom.get(aid, ()):
                 good = matches.get(pair.id)
                 if good is None and pair.id >= self.born:
                     continue  # Built lazily when first read.
                 if good is None or good is EMPTY:
                     good = matches[pair.id] = Matches(False, False)
-                if pair.not_ == atom.id:
+                if pair.not_ == aid:
                     unanswered_add_not(good.ts, ts, pair.within)
-                if pair.a == atom.id:
+                if pair.a == aid:
                     nots = matches.get(pair.not_, EMPTY)  # Absent: none (born before it).
                     unanswered_add_a(good.ts, nots.ts, ts, pair.within)
         return changed

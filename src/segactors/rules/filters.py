@@ -44,8 +44,13 @@ def _positive(op: str, value: Any) -> Callable[[object], bool]:
     if op == "exists":
         return lambda p: p is not None
     if op == "eq":
+        if type(value) is str:  # The common case, without the family dispatch.
+            return lambda p: type(p) is str and p == value
         return lambda p: value_eq(p, value)
     if op == "in":
+        if all(type(v) is str for v in value):
+            strings = frozenset(value)
+            return lambda p: type(p) is str and p in strings
         keys = {eq_key(v) for v in value}
         return lambda p: _kind(p) is not None and eq_key(p) in keys
     if op in _ORDER:
