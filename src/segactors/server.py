@@ -27,7 +27,7 @@ from segactors.webhooks import Deliverer, Webhook, check_url
 from segactors.rules.compile import AtomRegistry, compile_definition
 from segactors.store import Op, Store, rows
 from segactors.supervisor import Change, Segment, Status, System, new_key
-from segactors.timefmt import parse_ts
+from segactors.timefmt import MAX_TS, MIN_TS, parse_ts
 from segactors.wire import EventIn, ProfileIn
 
 _json = msgspec.json.Encoder()
@@ -256,6 +256,48 @@ class Server:
     async def ingest_events(self, system: System, items: list[EventIn]) -> tuple[int, int]:
         """Validate all, dedupe, make durable, then apply. All-or-nothing."""
         now = self.clock()
+        top = min(MAX_TS, now + self.config.future_horizon_ms)
+        stamped: list[int] = []
+        for e in items:
+            ts = e.ts
+            # The common case inline: integer epoch ms in range and not too far ahead.
+            if type(ts) is not int or not MIN_TS <= ts <= top:
+                stamped = self._stamp(items, now)
+                break
+            stamped.append(ts)
+        fresh: list[tuple[EventIn, int]] = []
+        ids = system.event_ids
+        for e, ts in zip(items, stamped):
+            eid = e.id
+            if eid is not None:
+                if eid in ids:
+                    continue
+                ids.add(eid)  # Reserved now, so a concurrent request sees it as a duplicate.
+            fresh.append((e, ts))
+        # Events are applied, then committed together with the changes they cause, in
+        # chunks whose commits queue in seq order; the 202 waits for every chunk.
+        futs = []
+        now = self.clock()
+        sid_, apply, encode = system.id, system.apply_event, _json.encode
+        step = self.config.ingest_slice
+        for k in range(0, len(fresh), step):
+            out: list[Change] = []
+            chunk: list[tuple[Any, ...]] = []
+            for e, ts in fresh[k:k + step]:
+                props = e.props
+                raw = encode(props) if props else None
+                apply(e.user_id, e.name, ts, props, e.session_id, now, out, raw)
+                chunk.append((sid_, e.user_id, e.name, ts, e.id, e.session_id, raw))
+            futs.append(self._emit(system, out, [(INSERT_EVENT, chunk)]))
+            if k + step < len(fresh):
+                await asyncio.sleep(0)
+        if not futs:
+            futs.append(self._emit(system, [], []))
+        await self._durable(futs)
+        return len(fresh), len(items) - len(fresh)
+
+    def _stamp(self, items: list[EventIn], now: int) -> list[int]:
+        """Every event's ``ts`` in epoch ms, or the 422 naming each one refused."""
         details = []
         stamped = []
         for i, e in enumerate(items):
@@ -265,34 +307,7 @@ class Server:
             stamped.append(ts)
         if details:
             raise Invalid("invalid event(s); nothing was accepted", details)
-        fresh: list[tuple[EventIn, int]] = []
-        reserved: list[str] = []
-        ids = system.event_ids
-        for e, ts in zip(items, stamped):
-            assert ts is not None
-            if e.id is not None:
-                if e.id in ids:
-                    continue
-                ids.add(e.id)  # Reserved now, so a concurrent request sees it as a duplicate.
-                reserved.append(e.id)
-            fresh.append((e, ts))
-        # Events are applied, then committed together with the changes they cause, in
-        # chunks whose commits queue in seq order; the 202 waits for every chunk.
-        futs = []
-        out: list[Change] = []
-        chunk: list[tuple[Any, ...]] = []
-        now = self.clock()
-        for k, (e, ts) in enumerate(fresh):
-            raw = _json.encode(e.props) if e.props else None
-            system.apply_event(e.user_id, e.name, ts, e.props, e.session_id, now, out, raw)
-            chunk.append((system.id, e.user_id, e.name, ts, e.id, e.session_id, raw))
-            if k % self.config.ingest_slice == self.config.ingest_slice - 1:
-                futs.append(self._emit(system, out, [(INSERT_EVENT, chunk)]))
-                out, chunk = [], []
-                await asyncio.sleep(0)
-        futs.append(self._emit(system, out, [(INSERT_EVENT, chunk)]))
-        await self._durable(futs)
-        return len(fresh), len(items) - len(fresh)
+        return stamped
 
     async def _durable(self, futs: list[asyncio.Future[None]]) -> None:
         """Wait for every write; the first failure (503) is raised once all have settled."""
