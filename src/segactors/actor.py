@@ -6,15 +6,16 @@ time, so nothing inside needs a lock.
 
 from __future__ import annotations
 
+from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from sys import intern
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from segactors.rules.evaluate import (
-    ALL_SESSIONS, EMPTY, NEVER, SessionState, Matches, seen_props, sorted_insert, unanswered, unanswered_add_a, unanswered_add_not,
+    ALL_SESSIONS, EMPTY, NEVER, SessionState, Matches, seen_props, unanswered, unanswered_add_a, unanswered_add_not,
 )
 
 if TYPE_CHECKING:
@@ -31,7 +32,11 @@ def props_of(raw: bytes | None) -> dict[str, Any]:
     return _decode_props(raw) if raw else _NO_PROPS
 
 
-def _drop_before(ts: list[int], vals: list[Any] | None, cutoff: int) -> None:
+# The columns of a user with no event yet: shared, replaced on the first event.
+_NONE: tuple[Any, ...] = ()
+
+
+def _drop_before(ts: array[int], vals: list[Any] | None, cutoff: int) -> None:
     k = bisect_left(ts, cutoff)
     if k > 1:
         del ts[1:k]
@@ -40,31 +45,53 @@ def _drop_before(ts: list[int], vals: list[Any] | None, cutoff: int) -> None:
 
 
 class UserActor:
-    """One user's state. ``events`` keeps raw events for segments created later.
-
-    An event is kept as ``(ts, name, props, session_id)`` with ``props`` as the encoded
-    JSON bytes stored in SQLite (decoded only when a new atom is first built), and names
-    and session ids interned: about 150 bytes plus the props' length per event.
+    """One user's state. Its events are kept, for segments created later, as four columns
+    sorted by ``ts`` (ties in arrival order): ``ts`` (an ``array('q')``), ``names`` and
+    ``sids`` (interned strings) and ``raws`` (the props as the encoded JSON stored in
+    SQLite, decoded only when a new atom is first built; None when there were none).
+    About 32 bytes per event plus its props' length, when that payload is not shared.
     """
 
-    __slots__ = ("uid", "props", "all_ts", "events", "matches", "deadline", "sessions",
-                 "scache", "born")
+    __slots__ = ("uid", "props", "ts", "names", "raws", "sids", "matches", "deadline",
+                 "sessions", "scache", "born")
 
     def __init__(self, uid: str, born: int = 0) -> None:
         self.uid = uid
         # Atoms (and pairs) with an id below `born` existed when the user appeared, so every
         # event of the user went through them: no entry in `matches` means none matched.
-        # Later atoms are built from `events` when first read.
+        # Later atoms are built from the columns when first read.
         self.born = born
         self.props: dict[str, Any] = {}
-        self.all_ts: list[int] = []
-        # (ts, name, encoded props or None, session_id) in arrival order.
-        self.events: list[tuple[int, str, bytes | None, str | None]] = []
+        self.ts: array[int] | tuple[int, ...] = _NONE
+        self.names: list[str] | tuple[str, ...] = _NONE
+        self.raws: list[bytes | None] | tuple[bytes | None, ...] = _NONE
+        self.sids: list[str | None] | tuple[str | None, ...] = _NONE
         self.matches: dict[int, Matches] = {}
         self.deadline: int | None = None
         self.sessions: dict[str, int] | None = None
         # Per session-scope segment: its sessions' last results (see SessionState).
         self.scache: dict[object, SessionState] | None = None
+
+    def append(self, ts: int, name: str, raw: bytes | None, sid: str | None) -> None:
+        """Store one event in ``ts`` order. O(1) in order, O(events) out of order."""
+        col = self.ts
+        if col is _NONE:
+            self.ts, self.names, self.raws, self.sids = array("q", (ts,)), [name], [raw], [sid]
+        elif col[-1] <= ts:
+            col.append(ts)
+            self.names.append(name)  # type: ignore[union-attr]
+            self.raws.append(raw)  # type: ignore[union-attr]
+            self.sids.append(sid)  # type: ignore[union-attr]
+        else:
+            i = bisect_right(col, ts)
+            col.insert(i, ts)  # type: ignore[union-attr]
+            self.names.insert(i, name)  # type: ignore[union-attr]
+            self.raws.insert(i, raw)  # type: ignore[union-attr]
+            self.sids.insert(i, sid)  # type: ignore[union-attr]
+
+    def events(self) -> Iterator[tuple[int, str, bytes | None, str | None]]:
+        """(ts, name, raw props, session id) in ``ts`` order."""
+        return zip(self.ts, self.names, self.raws, self.sids)
 
     def add_event(self, system: System, ts: int, name: str, props: dict[str, Any] | None,
                   raw: bytes | None, sid: str | None) -> list[int]:
@@ -75,8 +102,7 @@ class UserActor:
         name = intern(name)
         if sid is not None:
             sid = intern(sid)
-        self.events.append((ts, name, raw, sid))
-        sorted_insert(self.all_ts, ts)
+        self.append(ts, name, raw, sid)
         if sid is not None and self.sessions is not None:
             first = self.sessions.get(sid)
             if first is None or ts < first:
@@ -128,41 +154,44 @@ class UserActor:
                 self.props[k] = v
 
     def prune(self, cutoff: int) -> int:
-        """Forget events before ``cutoff``, keeping the first of every list (``first_did``,
-        ``first_seen`` and ``restarted`` read it) and, of the raw events, the first of each
-        name and props payload: a filter reads only the props, so whatever filter a segment
-        created later uses, the first event it matches is kept. Returns how many raw events
-        were dropped. O(events)."""
-        first: dict[tuple[str, bytes | None], int] = {}
-        for ts, name, raw, _sid in self.events:
-            key = (name, raw)
-            if ts < first.get(key, ts + 1):
-                first[key] = ts
-        before = len(self.events)
-        kept = []
-        for e in self.events:
-            if e[0] >= cutoff:
-                kept.append(e)
-            elif first.get((e[1], e[2])) == e[0]:
-                kept.append(e)
-                del first[(e[1], e[2])]  # Keep one of equal first timestamps.
-        self.events = kept
-        # Keep the first and the latest older one: first_seen and last_seen read them.
-        k = bisect_left(self.all_ts, cutoff)
-        if k > 2:
-            del self.all_ts[1:k - 1]
+        """Forget events before ``cutoff``, keeping the first of every list (``first_did``
+        and ``restarted`` read it) and, of the raw events, the first of each name and props
+        payload (a filter reads only the props, so whatever filter a segment created later
+        uses, the first event it matches is kept) and the latest (``last_seen`` may read
+        it). Returns how many raw events were dropped. O(events)."""
+        col = self.ts
+        k = bisect_left(col, cutoff)
+        if k <= 2:
+            return 0
+        names, raws = self.names, self.raws
+        seen: set[tuple[str, bytes | None]] = set()
+        keep = []
+        for i in range(k - 1):
+            key = (names[i], raws[i])
+            if key not in seen:
+                seen.add(key)
+                keep.append(i)
+        keep.append(k - 1)
+        dropped = k - len(keep)
+        if dropped:
+            self.ts = array("q", [col[i] for i in keep])
+            self.ts.extend(col[k:])
+            self.names = [names[i] for i in keep] + names[k:]
+            self.raws = [raws[i] for i in keep] + raws[k:]
+            sids = self.sids
+            self.sids = [sids[i] for i in keep] + sids[k:]
         for m in self.matches.values():
             # Session-scope atoms are never pruned: their segments look back forever.
             _drop_before(m.ts, m.vals, cutoff)
-        return before - len(kept)
+        return dropped
 
     def session_starts(self) -> dict[str, int]:
         """Each session id and the ts of its first event. Built once, then kept current."""
         if self.sessions is None:
             self.sessions = {}
-            for ts, _name, _props, sid in self.events:
-                if sid is not None and (sid not in self.sessions or ts < self.sessions[sid]):
-                    self.sessions[sid] = ts
+            for ts, sid in zip(self.ts, self.sids):
+                if sid is not None and sid not in self.sessions:
+                    self.sessions[sid] = ts  # The first in ts order is the earliest.
         return self.sessions
 
 
@@ -205,14 +234,14 @@ class ActorCtx:
             got = atom.new_matches()
             event = atom.event
             plain = atom.where is None and atom.value_prop is None
-            for ts, name, raw, sid in self.actor.events:
+            for ts, name, raw, sid in self.actor.events():
                 if name == event:
                     atom.record(got, ts, _NO_PROPS if plain else props_of(raw), sid)
             # Most users match most atoms never: they share one read-only empty list.
             self._kept[atom_id] = got if got.ts else EMPTY
         return got
 
-    def unanswered(self, pair_id: int) -> list[int] | None:
+    def unanswered(self, pair_id: int) -> Sequence[int] | None:
         """The kept list of a ``did_then_not`` pair, built on first use. Dry runs scan."""
         if self._scratch is not None:
             return None
@@ -222,13 +251,13 @@ class ActorCtx:
         if got is None:
             pair = self.system.atoms.by_id[pair_id]
             got = Matches(False, False)
-            got.ts = unanswered(self.m(pair.a).ts, self.m(pair.not_).ts, pair.within)
+            got.ts = array("q", unanswered(self.m(pair.a).ts, self.m(pair.not_).ts, pair.within))
             self._kept[pair_id] = got if got.ts else EMPTY
         return got.ts
 
     def profile(self, now: int) -> Mapping[str, Any]:
         if self._profile is None or self._profile_at != now:
-            seen = seen_props(self.actor.all_ts, now)
+            seen = seen_props(self.actor.ts, now)
             self._profile = {**self.actor.props, **seen} if seen else self.actor.props
             self._profile_at = now
         return self._profile
@@ -238,6 +267,6 @@ class ActorCtx:
         return seg is not None and self.actor.uid in seg.members
 
     def next_event_after(self, now: int) -> int:
-        ts = self.actor.all_ts
+        ts = self.actor.ts
         i = bisect_right(ts, now)
         return ts[i] if i < len(ts) else NEVER

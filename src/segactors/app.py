@@ -314,7 +314,7 @@ async def user_get(request: Request) -> Response:
     if u is None:
         raise NotFound(f"unknown user {uid!r}")
     return JSON({"user_id": uid, "profile": profile_json(srv, system, uid),
-                 "segments": system.user_segments(uid), "events": len(u.events)})
+                 "segments": system.user_segments(uid), "events": len(u.ts)})
 
 
 @route

@@ -284,9 +284,7 @@ class System:
         u = self.users.get(uid)
         if u is None:
             u = self.users[uid] = UserActor(uid)
-        u.events.append((ts, intern(name), self._share(raw),
-                         None if sid is None else intern(sid)))
-        u.all_ts.append(ts)
+        u.append(ts, intern(name), self._share(raw), None if sid is None else intern(sid))
         self.events += 1
 
     def _share(self, raw: bytes | None) -> bytes | None:
@@ -304,8 +302,6 @@ class System:
     def loaded(self, last: int) -> None:
         """After start-up loading: every user still has to be recovered (``recover``)
         from instant ``last``, when the stored state was last written."""
-        for u in self.users.values():
-            u.all_ts.sort()
         self.recover_at = last
         self.unrecovered = set(self.users)
 

@@ -12,8 +12,9 @@ are bisects over them, so a re-evaluation costs O(log n) per leaf for most kinds
 from __future__ import annotations
 
 import heapq
+from array import array
 from bisect import bisect_left, bisect_right, insort
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableSequence, Sequence
 from typing import Any, Protocol
 
 from segactors.rules.filters import Predicate, eq_key
@@ -25,7 +26,8 @@ NEVER = 1 << 62
 class Matches:
     """The events of one user that passed one atom, sorted by ``ts`` (ties keep arrival order).
 
-    Insert is O(n) in the worst case (a list insert) and O(1) for in-order arrivals. An
+    ``ts`` is an ``array('q')`` (8 bytes a match). Insert is O(n) in the worst case and
+    O(1) for in-order arrivals. An
     atom of a session-scope segment also keeps one ``Matches`` per session (``by_sid``), so
     a session's view costs a dict lookup.
     """
@@ -33,7 +35,7 @@ class Matches:
     __slots__ = ("ts", "vals", "by_sid")
 
     def __init__(self, with_vals: bool, with_sids: bool) -> None:
-        self.ts: list[int] = []
+        self.ts: array[int] = array("q")
         self.vals: list[Any] | None = [] if with_vals else None
         self.by_sid: dict[str, Matches] | None = {} if with_sids else None
 
@@ -59,7 +61,7 @@ class Matches:
         return EMPTY if self.by_sid is None else self.by_sid.get(sid, EMPTY)
 
     def _check(self) -> None:
-        assert self.ts == sorted(self.ts)
+        assert list(self.ts) == sorted(self.ts)
         assert self.vals is None or len(self.vals) == len(self.ts)
         if self.by_sid is not None:
             assert sum(len(m.ts) for m in self.by_sid.values()) <= len(self.ts)
@@ -73,7 +75,7 @@ class Ctx(Protocol):
 
     def m(self, atom: int) -> Matches: ...
 
-    def unanswered(self, pair: int) -> list[int] | None: ...
+    def unanswered(self, pair: int) -> Sequence[int] | None: ...
 
     def session_cache(self, key: object) -> tuple[SessionState | None, str | None]: ...
 
@@ -84,7 +86,7 @@ class Ctx(Protocol):
     def next_event_after(self, now: int) -> int: ...
 
 
-def next_crossing(ts: list[int], now: int, offsets: tuple[int, ...]) -> int:
+def next_crossing(ts: Sequence[int], now: int, offsets: tuple[int, ...]) -> int:
     """The first instant after ``now`` at which some ``t + o`` (t in ts, o in offsets) is reached."""
     best = NEVER
     n = len(ts)
@@ -104,7 +106,7 @@ class Window:
         self.last, self.lo, self.hi = last, lo, hi
         self.offsets = (0, last) if last is not None else (0,)
 
-    def span(self, ts: list[int], now: int) -> tuple[int, int]:
+    def span(self, ts: Sequence[int], now: int) -> tuple[int, int]:
         """Indices [i, j) of the visible events (ts <= now) inside the window. O(log n)."""
         if self.last is not None:
             return bisect_right(ts, now - self.last), bisect_right(ts, now)
@@ -120,7 +122,7 @@ class Window:
             return t > now - self.last
         return (self.lo is None or t >= self.lo) and (self.hi is None or t < self.hi)
 
-    def next(self, ts: list[int], now: int) -> int:
+    def next(self, ts: Sequence[int], now: int) -> int:
         return next_crossing(ts, now, self.offsets)
 
 
@@ -229,7 +231,7 @@ class FirstDid(Node):
         return self.win.contains(first, now), self.win.next(ts[:1], now)
 
 
-def unanswered(a_ts: list[int], not_ts: list[int], within: int) -> list[int]:
+def unanswered(a_ts: Sequence[int], not_ts: Sequence[int], within: int) -> list[int]:
     """The ``a`` timestamps with no ``not`` in ``(a, a + within]``. O(len(a) + len(not))."""
     out = []
     j, n = 0, len(not_ts)
@@ -241,14 +243,14 @@ def unanswered(a_ts: list[int], not_ts: list[int], within: int) -> list[int]:
     return out
 
 
-def unanswered_add_a(good: list[int], not_ts: list[int], t: int, within: int) -> None:
+def unanswered_add_a(good: MutableSequence[int], not_ts: Sequence[int], t: int, within: int) -> None:
     """Keep ``good`` = unanswered(...) after an ``a`` at ``t`` arrives. O(log n)."""
     b = bisect_right(not_ts, t)
     if b == len(not_ts) or not_ts[b] > t + within:
         sorted_insert(good, t)
 
 
-def unanswered_add_not(good: list[int], t: int, within: int) -> None:
+def unanswered_add_not(good: MutableSequence[int], t: int, within: int) -> None:
     """A ``not`` at ``t`` answers every ``a`` in ``[t - within, t)``. O(log n + removed)."""
     lo = bisect_left(good, t - within)
     hi = bisect_left(good, t, lo)
@@ -292,7 +294,7 @@ class DidThenNot(Node):
         return holds, nxt
 
 
-def _chain_from(lists: list[tuple[list[int], int, int]], start: int) -> int | None:
+def _chain_from(lists: list[tuple[Sequence[int], int, int]], start: int) -> int | None:
     """Greedy: the earliest last-step ts of a strictly increasing chain starting at ``start``."""
     t = start
     for ts, i, j in lists:
@@ -392,7 +394,7 @@ class InSegment(Node):
         return ctx.member(self.segment) != self.negate, NEVER
 
 
-def _count(ts: list[int], lo: int, hi: int) -> int:
+def _count(ts: Sequence[int], lo: int, hi: int) -> int:
     """Events with ``lo < t <= hi``."""
     return max(0, bisect_right(ts, hi) - bisect_right(ts, lo))
 
@@ -462,7 +464,7 @@ class SessionCtx:
     def m(self, atom: int) -> Matches:
         return self.base.m(atom).only_session(self.sid)
 
-    def unanswered(self, pair: int) -> list[int] | None:
+    def unanswered(self, pair: int) -> Sequence[int] | None:
         return None  # Session scope scans its own events.
 
     def profile(self, now: int) -> Mapping[str, Any]:
@@ -553,7 +555,7 @@ def eval_sessions(root: Node, ctx: Ctx, sessions: dict[str, int], now: int,
     return state.holding > 0, min(ctx.next_event_after(now), state.next())
 
 
-def seen_props(all_ts: list[int], now: int) -> dict[str, str]:
+def seen_props(all_ts: Sequence[int], now: int) -> dict[str, str]:
     """``first_seen``/``last_seen`` at ``now`` from a user's sorted event timestamps."""
     k = bisect_right(all_ts, now)
     if k == 0:
@@ -561,7 +563,7 @@ def seen_props(all_ts: list[int], now: int) -> dict[str, str]:
     return {"first_seen": format_ts(all_ts[0]), "last_seen": format_ts(all_ts[k - 1])}
 
 
-def sorted_insert(ts: list[int], t: int) -> None:
+def sorted_insert(ts: MutableSequence[int], t: int) -> None:
     if not ts or ts[-1] <= t:
         ts.append(t)
     else:
