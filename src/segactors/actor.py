@@ -220,8 +220,9 @@ class ActorCtx:
         if caches is None:
             caches = self.actor.scache = {}
         state = caches.get(key)
-        if state is None:
+        if state is None:  # A new state has met no session yet: all of them, once.
             state = caches[key] = SessionState()
+            return state, ALL_SESSIONS
         return state, self.dirty
 
     def m(self, atom_id: int) -> Matches:

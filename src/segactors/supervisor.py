@@ -450,7 +450,14 @@ class System:
         return dropped
 
     def _check(self) -> None:
-        """Invariants: every actor with a deadline has a heap entry at that instant."""
+        """Invariants: every actor with a deadline has a heap entry at that instant; its
+        columns line up in ts order, and its matches and session states are consistent."""
         entries = set(self.deadlines._heap)
         for u in self.users.values():
             assert u.deadline is None or (u.deadline, u.uid) in entries
+            assert list(u.ts) == sorted(u.ts)
+            assert len(u.ts) == len(u.names) == len(u.raws) == len(u.sids)
+            for m in u.matches.values():
+                m._check()
+            for state in (u.scache or {}).values():
+                state._check()

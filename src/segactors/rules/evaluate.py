@@ -481,25 +481,38 @@ ALL_SESSIONS = "\x00all"  # Session-state mode: anything may have changed.
 
 
 class SessionState:
-    """Per user and session-scope segment: each session's last (holds, next change), how
-    many hold, and a heap of their next changes (stale entries are skipped when popped)."""
+    """Per user and session-scope segment: the last (holds, next change) of each session
+    that holds or will change by itself (a session that does neither is not kept), how
+    many hold, a heap of their next changes (stale entries are skipped when popped), and
+    the sessions met before they started (``later``)."""
 
-    __slots__ = ("res", "holding", "heap")
+    __slots__ = ("res", "holding", "heap", "later")
 
     def __init__(self) -> None:
         self.res: dict[str, Result] = {}
         self.holding = 0
         self.heap: list[tuple[int, str]] = []
+        self.later: list[str] | None = None
 
     def set(self, sid: str, r: Result) -> None:
         old = self.res.get(sid)
         if old is not None and old[0]:
             self.holding -= 1
-        self.res[sid] = r
+        if r[0] or r[1] < NEVER:
+            self.res[sid] = r
+        elif old is not None:
+            del self.res[sid]
         if r[0]:
             self.holding += 1
         if r[1] < NEVER:
             heapq.heappush(self.heap, (r[1], sid))
+
+    def wait(self, sid: str) -> None:
+        """``sid`` starts after now: evaluate it once it has started."""
+        if self.later is None:
+            self.later = []
+        if sid not in self.later:
+            self.later.append(sid)
 
     def next(self) -> int:
         heap, res = self.heap, self.res
@@ -513,6 +526,7 @@ class SessionState:
 
     def _check(self) -> None:
         assert self.holding == sum(1 for r in self.res.values() if r[0])
+        assert all(r[0] or r[1] < NEVER for r in self.res.values())
         live = {(r[1], sid) for sid, r in self.res.items() if r[1] < NEVER}
         assert live <= set(self.heap)
 
@@ -524,30 +538,40 @@ def eval_sessions(root: Node, ctx: Ctx, sessions: dict[str, int], now: int,
 
     ``sessions`` maps each session id to the ts of its first event. With a kept ``state``,
     only the ``dirty`` session (None: none), the sessions whose next change is due and
-    sessions not seen before are evaluated: O(log sessions) besides those evaluations.
-    ``ALL_SESSIONS`` (or no state) evaluates every session.
+    those that have started since they were met are evaluated: O(log sessions) besides
+    those evaluations. Every session arrives as ``dirty`` with its first event, or is met
+    by an ``ALL_SESSIONS`` evaluation (also without a kept state), which evaluates all.
     """
     if state is None or dirty == ALL_SESSIONS:
         state = state if state is not None else SessionState()
         state.res.clear()
         state.heap.clear()
         state.holding = 0
+        state.later = None
         for sid, first in sessions.items():
             if first <= now:
                 state.set(sid, root.eval(SessionCtx(ctx, sid), now))
+            else:
+                state.wait(sid)
     else:
-        if dirty is not None and sessions.get(dirty, NEVER) <= now:
-            state.set(dirty, root.eval(SessionCtx(ctx, dirty), now))
+        if dirty is not None:
+            if sessions.get(dirty, NEVER) <= now:
+                state.set(dirty, root.eval(SessionCtx(ctx, dirty), now))
+            elif dirty in sessions:
+                state.wait(dirty)
         heap, res = state.heap, state.res
         while heap and heap[0][0] <= now:
             t, sid = heapq.heappop(heap)
             r = res.get(sid)
             if r is not None and r[1] == t:
                 state.set(sid, root.eval(SessionCtx(ctx, sid), now))
-        if len(res) < len(sessions):  # A new session, or one that starts in the future.
-            for sid, first in sessions.items():
-                if first <= now and sid not in res:
+        if state.later is not None:
+            waiting, state.later = state.later, None
+            for sid in waiting:
+                if sessions[sid] <= now:
                     state.set(sid, root.eval(SessionCtx(ctx, sid), now))
+                else:
+                    state.wait(sid)
         if len(heap) > 4 * len(res) + 16:
             state.heap = [(r[1], sid) for sid, r in res.items() if r[1] < NEVER]
             heapq.heapify(state.heap)
