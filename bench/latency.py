@@ -4,9 +4,12 @@ subscriber, while a background load runs at 10 %, 50 % and 90 % of the sustained
     python -m bench.latency [--quick] [--rate EV_PER_S] [--duration 30] [--levels 0.1 0.5 0.9]
 
 The server (own process) holds the 20 segments plus ``probe`` (did ``probe``). It is first
-preloaded with profiles and history (``--users``/``--events``, the ingest workload); unless
-``--rate`` is given, that preload's events/s is taken as the sustained rate. Then for each
-level a background task posts live events (batches of ``--batch``, at most 4 requests in
+preloaded with profiles and history (``--users``/``--events``, the ingest workload). Then
+the sustained rate of *this* traffic is measured: live events (timestamps within the last
+minute, so inside every window, unlike the history of scenario 1) posted as fast as the
+server takes them for a few seconds. Unless ``--rate`` is given, the levels are fractions of
+that live rate (the preload's rate is reported next to it: live events cost about twice as
+much, since every segment's window holds them). Then for each level a background task posts live events (batches of ``--batch``, at most 4 requests in
 flight, paced to the level's rate; it falls behind rather than queueing without bound),
 a subscriber on ``*`` takes every change (a realistic consumer), and a probe posts one
 ``probe`` event of a new user every ``--probe-ms``: each probe enters ``probe``, and a second
@@ -149,21 +152,37 @@ def run(users: int, events: int, rate: float | None, levels: list[float], durati
             n = post_all(srv, f"/v1/systems/{SYS}/events", w.batches(5000))
             preload_rate = n / (time.perf_counter() - t0)
         res["preload_events_per_s"] = round(preload_rate)
-        sustained = rate or preload_rate
+
+        def live_bodies(n: int, i: int) -> list[bytes]:
+            live = Workload(users, n, 1, seed + 100 + i)
+            t_gen = now_ms()
+            return list(live.iter_batches(batch, f"L{i}-",
+                                          lambda k: t_gen - (k * 7919) % 60_000))
+
+        if rate is None:
+            sat_s = min(duration, 10.0)
+            print(f"latency: live sustained rate, {sat_s}s flat out", file=sys.stderr)
+            bodies = live_bodies(int(preload_rate * sat_s * 1.2) + batch, 99)
+            sat = asyncio.run(level(srv.url, ids["probe"], bodies, 1e12, batch, sat_s,
+                                    probe_ms, "sat"))
+            res["saturation"] = sat
+            rate = float(sat["achieved_events_per_s"])
+        sustained = rate
         res["sustained_events_per_s"] = round(sustained)
         res["levels"] = {}
         for i, frac in enumerate(levels):
             target = sustained * frac
-            need = int(target * duration * 1.2) + batch
-            live = Workload(users, need, 1, seed + 100 + i)
-            t_gen = now_ms()
-            bodies = list(live.iter_batches(batch, f"L{i}-", lambda k: t_gen - (k * 7919) % 60_000))
+            bodies = live_bodies(int(target * duration * 1.2) + batch, i)
             print(f"latency: level {frac:.0%} ({target:.0f} events/s) for {duration}s",
                   file=sys.stderr)
-            res["levels"][f"{round(frac * 100)}%"] = asyncio.run(
+            cpu0, wall0, own0 = srv.cpu_seconds(), time.perf_counter(), time.process_time()
+            got = asyncio.run(
                 level(srv.url, ids["probe"], bodies, target, batch, duration, probe_ms, str(i)))
-            res["levels"][f"{round(frac * 100)}%"]["server_rss_mb"] = round(
-                srv.rss_bytes() / 2**20, 1)
+            wall = time.perf_counter() - wall0
+            got["server_cpu_util"] = round((srv.cpu_seconds() - cpu0) / wall, 2)
+            got["bench_cpu_util"] = round((time.process_time() - own0) / wall, 2)
+            got["server_rss_mb"] = round(srv.rss_bytes() / 2**20, 1)
+            res["levels"][f"{round(frac * 100)}%"] = got
     finally:
         srv.stop()
         srv.remove_data_dir()
@@ -171,10 +190,13 @@ def run(users: int, events: int, rate: float | None, levels: list[float], durati
 
 
 def report(res: dict[str, Any]) -> list[tuple[str, Any]]:
-    rows = [("sustained rate used (events/s)", res["sustained_events_per_s"])]
+    rows = [("preload (history) events/s", res["preload_events_per_s"]),
+            ("sustained live rate used (events/s)", res["sustained_events_per_s"])]
     for k, v in res["levels"].items():
         rows.append((f"load {k}: achieved events/s", f"{v['achieved_events_per_s']}"
                                                      f" (target {v['target_events_per_s']})"))
+        rows.append((f"load {k}: CPU cores server / bench",
+                     f"{v.get('server_cpu_util')} / {v.get('bench_cpu_util')}"))
         rows.append((f"load {k}: ack->push ms p50/p99/max",
                      f"{v['ack_ms']['p50']} / {v['ack_ms']['p99']} / {v['ack_ms']['max']}"))
         rows.append((f"load {k}: send->push ms p50/p99/max",
@@ -189,7 +211,7 @@ def main() -> None:
     p.add_argument("--users", type=int, default=100_000)
     p.add_argument("--events", type=int, default=1_000_000, help="preload history")
     p.add_argument("--rate", type=float, default=None, help="sustained events/s (default: "
-                   "the preload's rate)")
+                   "measured with live events, flat out)")
     p.add_argument("--levels", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     p.add_argument("--duration", type=float, default=None, help="seconds per level (30)")
     p.add_argument("--batch", type=int, default=500)

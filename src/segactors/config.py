@@ -40,11 +40,14 @@ class Config:
     backfill_slice: int = 2000
     # Events applied (or due users advanced) between yields to the loop: a push waits at
     # most about this much work of another request.
-    ingest_slice: int = 256
+    ingest_slice: int = 64
     # Events stay in memory at least this long, and as long as any live segment looks back.
     event_retention_ms: int = 90 * DAY_MS
     prune_interval_ms: int = 600_000
-    gc_threshold: tuple[int, int, int] = (50_000, 20, 100)
+    gc_threshold: tuple[int, int, int] = (20_000, 10, 100)
+    # Seconds between moves of the surviving young objects out of the collector's reach
+    # (see Server._freezer); 0 turns it off.
+    gc_freeze_interval: float = 1.0
 
     @classmethod
     def from_env(cls, data_dir: str | Path, **overrides: object) -> Config:
