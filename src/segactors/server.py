@@ -26,7 +26,7 @@ from segactors.hub import Hub
 from segactors.webhooks import Deliverer, Webhook, check_url
 from segactors.rules.compile import AtomRegistry, compile_definition
 from segactors.store import Op, Store, rows
-from segactors.supervisor import Change, Segment, Status, System, new_key
+from segactors.supervisor import Change, Segment, Status, System, load_events, new_key
 from segactors.timefmt import MAX_TS, MIN_TS, parse_ts
 from segactors.wire import EventIn, ProfileIn
 
@@ -146,14 +146,9 @@ class Server:
                 con, "SELECT system, id, idx, body FROM segments ORDER BY system, idx"
             ):
                 self._load_segment(self.systems[sid], seg_id, msgspec.json.decode(body))
-            for sid, uid, name, ts, eid, sess, props in rows(
-                con, "SELECT system, user_id, name, ts, event_id, session_id, props "
-                     "FROM events ORDER BY rowid"
-            ):
-                system = self.systems[sid]
-                system.load_event(uid, name, ts, props, sess)
-                if eid is not None:
-                    system.event_ids.add(eid)
+            load_events(self.systems, con.execute(
+                "SELECT system, user_id, name, ts, event_id, session_id, props "
+                "FROM events ORDER BY rowid"))
             for sid, uid, props in rows(
                 con, "SELECT system, user_id, props FROM profiles ORDER BY rowid"
             ):

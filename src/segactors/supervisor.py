@@ -102,6 +102,46 @@ class DeadlineHeap:
         return len(self._heap)
 
 
+def load_events(systems: dict[str, System],
+                rows: Iterable[tuple[str, str, str, int, str | None, str | None, bytes | None]]
+                ) -> None:
+    """Restore stored events ``(system, user, name, ts, event id, session id, props)``
+    without evaluating anything (start-up; call ``System.loaded`` once all are in). One
+    tight loop: this is most of a restart's time."""
+    cur: str | None = None
+    system: System | None = None
+    users: dict[str, UserActor] = {}
+    share = ids_add = None
+    count = 0
+    for sys_id, uid, name, ts, eid, sid, raw in rows:
+        if sys_id != cur:
+            if system is not None:
+                system.events += count
+            cur, system, count = sys_id, systems[sys_id], 0
+            users, share, ids_add = system.users, system._share, system.event_ids.add
+        count += 1
+        u = users.get(uid)
+        if u is None:
+            u = users[uid] = UserActor(uid)
+        name = intern(name)
+        if sid is not None:
+            sid = intern(sid)
+        if raw is not None:
+            raw = share(raw)  # type: ignore[misc]
+        col = u.ts
+        if col and col[-1] <= ts:
+            col.append(ts)  # type: ignore[union-attr]
+            u.names.append(name)  # type: ignore[union-attr]
+            u.raws.append(raw)  # type: ignore[union-attr]
+            u.sids.append(sid)  # type: ignore[union-attr]
+        else:
+            u.append(ts, name, raw, sid)
+        if eid is not None:
+            ids_add(eid)  # type: ignore[misc]
+    if system is not None:
+        system.events += count
+
+
 def new_key() -> str:
     return secrets.token_urlsafe(24)
 
@@ -276,16 +316,6 @@ class System:
 
     def next_deadline(self) -> int | None:
         return self.deadlines.peek()
-
-    def load_event(self, uid: str, name: str, ts: int, raw: bytes | None,
-                   sid: str | None) -> None:
-        """Restore a stored event without evaluating anything (start-up). Call
-        ``loaded`` when every event is in."""
-        u = self.users.get(uid)
-        if u is None:
-            u = self.users[uid] = UserActor(uid)
-        u.append(ts, intern(name), self._share(raw), None if sid is None else intern(sid))
-        self.events += 1
 
     def _share(self, raw: bytes | None) -> bytes | None:
         """One copy of each short, common props payload (same page, same referrer...):
