@@ -8,7 +8,7 @@ Sizes (users / events):
 |---|---|---|---|
 | ingest + DuckDB peer | 10k / 200k | 20k / 300k | 100k / 10M |
 | latency (preload; s per level) | 10k / 50k; 5 s | 20k / 100k; 10 s | 100k / 1M; 30 s |
-| time (preload; leavers over s) | 10k / 50k; 20k over 10 s | 20k / 100k; 50k over 30 s | 100k / 1M; 200k over 60 s |
+| time (preload; leavers over s; pending) | 10k / 50k; 20k over 10 s; 50k | 20k / 100k; 50k over 30 s; 200k | 100k / 1M; 200k over 60 s; 1M |
 | memory, backfill, restart | 30k / 150k | 200k / 300k | 1M / 20M |
 
 Each mode's results are also kept as bench/results/<mode>.json; RESULTS.md shows every
@@ -29,11 +29,11 @@ from bench.common import RESULTS, machine, stop_on_sigterm, utc_now
 
 MODES: dict[str, dict[str, Any]] = {
     "quick": {"ingest": (10_000, 200_000), "latency": (10_000, 50_000, 5.0),
-              "time": (10_000, 50_000, 20_000, 10.0), "scale": (30_000, 150_000)},
+              "time": (10_000, 50_000, 20_000, 10.0, 50_000), "scale": (30_000, 150_000)},
     "medium": {"ingest": (20_000, 300_000), "latency": (20_000, 100_000, 10.0),
-               "time": (20_000, 100_000, 50_000, 30.0), "scale": (200_000, 300_000)},
+               "time": (20_000, 100_000, 50_000, 30.0, 200_000), "scale": (200_000, 300_000)},
     "full": {"ingest": (100_000, 10_000_000), "latency": (100_000, 1_000_000, 30.0),
-             "time": (100_000, 1_000_000, 200_000, 60.0), "scale": (1_000_000, 20_000_000)},
+             "time": (100_000, 1_000_000, 200_000, 60.0, 1_000_000), "scale": (1_000_000, 20_000_000)},
 }
 SCENARIOS = ["ingest", "latency", "time", "scale"]
 
@@ -73,9 +73,10 @@ def run(mode: str, skip: list[str]) -> dict[str, Any]:
         sc["latency"] = latency.run(u, e, None, [0.1, 0.5, 0.9], d)
         checkpoint(out)
     if "time" not in skip:
-        u, e, n, s = sizes["time"]
-        print(f"== time: {u} users, {e} preload, {n} leavers over {s}s", file=sys.stderr)
-        sc["time"] = timely.run(u, e, n, s)
+        u, e, n, s, pend = sizes["time"]
+        print(f"== time: {u} users, {e} preload, {n} leavers over {s}s, {pend} pending",
+              file=sys.stderr)
+        sc["time"] = timely.run(u, e, n, s, pending=pend)
         checkpoint(out)
     if "scale" not in skip:
         u, e = sizes["scale"]
@@ -131,7 +132,8 @@ def figures(out: dict[str, Any]) -> list[dict[str, Any]]:
     if "time" in sc:
         r = sc["time"]
         d = r["lateness_ms"]
-        size = f"{r['users']} users, {r['leavers']} deadlines over {r['spread_s']} s"
+        size = (f"{r['users']} users, {r['leavers']} deadlines over {r['spread_s']} s, "
+                f"{r.get('pending', 0)} more pending")
         add("lateness_p99_ms", "time-driven lateness ms p99", d["p99"], size)
         rows[-1]["detail"] = (f"{d['p99']} (p50 {d['p50']}, max {d['max']}; "
                              f"{r['leaves']}/{r['leavers']} leaves)")

@@ -1,6 +1,6 @@
 """Scenario 3, time: lateness of time-driven changes with many pending deadlines.
 
-    python -m bench.timely [--quick] [--leavers 200000] [--spread 60]
+    python -m bench.timely [--quick] [--leavers 200000] [--spread 60] [--pending 1000000]
 
 The server (own process) holds the 20 segments plus ``seen 2m`` (did ``heartbeat`` in the
 last 2 minutes), preloaded with profiles and history (``--users``/``--events``), whose
@@ -10,6 +10,10 @@ deadlines ``ts + 2m`` are spread uniformly over ``--spread`` seconds, starting a
 after the posting (enough to ingest them). A subscriber on ``seen 2m`` records, for every
 ``leave``, its ``at`` (the deadline, by API.md) and the wall time it arrived here;
 lateness = arrival - at (same machine clock). RULES.md requires within 1 s.
+
+``--pending`` more users each get one ``ping`` first, which keeps them in ``seen 1d``
+(did ``ping`` in the last day) with a deadline a day away: that many deadlines wait in the
+heap, besides the leavers' and the preloaded users' own, while the leavers' come due.
 """
 
 from __future__ import annotations
@@ -32,20 +36,34 @@ from bench.workload import Workload
 
 SEEN = {"name": "seen 2m", "rules": [{"kind": "did", "event": "heartbeat",
                                       "window": {"last": "2m"}}]}
+SEEN_LONG = {"name": "seen 1d", "rules": [{"kind": "did", "event": "ping",
+                                            "window": {"last": "1d"}}]}
 WINDOW_MS = 120_000
 
 
-def run(users: int, events: int, leavers: int, spread: float, seed: int = 1
-        ) -> dict[str, Any]:
+def ping_bodies(n: int, at: int, batch: int = 5000) -> list[bytes]:
+    return [("[" + ",".join(f'{{"id":"pd{k}","user_id":"pd{k:07d}","name":"ping","ts":{at}}}'
+                            for k in range(i, min(n, i + batch))) + "]").encode()
+            for i in range(0, n, batch)]
+
+
+def run(users: int, events: int, leavers: int, spread: float, seed: int = 1,
+        pending: int = 0) -> dict[str, Any]:
     w = Workload(users, events, 90, seed)
     res: dict[str, Any] = {"users": users, "preload_events": len(w.rows), "leavers": leavers,
-                           "spread_s": spread}
+                           "spread_s": spread, "pending": pending}
     srv = ServerProc()
     try:
         with client(srv) as c:
-            ids, _ = setup_system(c, w.now, [SEEN])
+            ids, _ = setup_system(c, w.now, [SEEN, SEEN_LONG])
             post_all(srv, f"/v1/systems/{SYS}/profiles", w.profile_batches())
             post_all(srv, f"/v1/systems/{SYS}/events", w.batches(5000))
+            if pending:
+                t0 = time.perf_counter()
+                post_all(srv, f"/v1/systems/{SYS}/events", ping_bodies(pending, now_ms()))
+                res["pending_post_s"] = round(time.perf_counter() - t0, 1)
+                res["pending_members"] = c.get(
+                    f"/v1/systems/{SYS}/segments/{ids['seen 1d']}").json()["size"]
             res["rss_mb_before"] = round(srv.rss_bytes() / 2**20, 1)
         lead_ms = 5_000 + leavers // 5  # ~5k events/s of heartbeats plus 5 s
         res["lead_s"] = lead_ms / 1000
@@ -118,7 +136,8 @@ def ts_ms_of(at: str) -> float:
 
 def report(res: dict[str, Any]) -> list[tuple[str, Any]]:
     d = res["lateness_ms"]
-    return [("leavers (deadlines over s)", f"{res['leavers']} ({res['spread_s']})"),
+    return [("deadlines pending besides (seen 1d)", res.get("pending", 0)),
+            ("leavers (deadlines over s)", f"{res['leavers']} ({res['spread_s']})"),
             ("leaves received", f"{res['leaves']} (enters {res['enters']})"),
             ("lateness ms p50/p99/max", f"{d['p50']} / {d['p99']} / {d['max']}")]
 
@@ -130,14 +149,15 @@ def main() -> None:
     p.add_argument("--events", type=int, default=1_000_000, help="preload history")
     p.add_argument("--leavers", type=int, default=200_000)
     p.add_argument("--spread", type=float, default=60)
+    p.add_argument("--pending", type=int, default=1_000_000)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="10k users, 50k preload, "
-                   "20k leavers over 15 s")
+                   "20k leavers over 15 s, 50k pending")
     a = p.parse_args()
     stop_on_sigterm()
     if a.quick:
-        a.users, a.events, a.leavers, a.spread = 10_000, 50_000, 20_000, 15
-    res = run(a.users, a.events, a.leavers, a.spread, a.seed)
+        a.users, a.events, a.leavers, a.spread, a.pending = 10_000, 50_000, 20_000, 15, 50_000
+    res = run(a.users, a.events, a.leavers, a.spread, a.seed, a.pending)
     print_rows(report(res))
     print(f"written {save('timely', res)}")
 

@@ -79,3 +79,48 @@ def test_none_flips_signs_and_mixed_uses_cancel() -> None:
     assert got["a"][1] == -1
     assert got["b"][1] == 1
     assert got["c"] == (2 * 60 * MIN, 0)  # The longer horizon; both signs: either way.
+
+
+# Values JSON escapes (quote, backslash, control character), non-ASCII, and near misses.
+URLS = {"u0": "/pricing", "u1": "/pricing/team", "u2": 'say "/pricing"', "u3": "a\\b/pricing",
+        "u4": "Zürich\n/pricing", "u5": "/Pricing", "u6": "/docs", "u7": 42}
+FILTERS = [
+    ("eq", "/pricing", {"u0"}),
+    ("eq", 'say "/pricing"', {"u2"}),
+    ("starts_with", "/pricing", {"u0", "u1"}),
+    ("starts_with", "a\\b", {"u3"}),
+    ("contains", '"/pricing"', {"u2"}),
+    ("contains", "ch\n/p", {"u4"}),
+    ("in", ["/docs", "Zürich\n/pricing"], {"u4", "u6"}),
+    ("eq", "42", set()),
+]
+
+
+@pytest.mark.parametrize("op, value, want", FILTERS)
+def test_a_filter_built_from_stored_events_matches_the_one_seen_live(
+        op: str, value: Any, want: set[str]) -> None:
+    """A segment created after the events builds its atom from the stored props (skipping
+    payloads that cannot match without decoding them): same members as live."""
+    from segactors.definition import to_json
+    from segactors.supervisor import Segment, Status, System
+
+    rule = {"kind": "did", "event": "view", "where": [
+        {"property": "url", "op": op, "value": value}]}
+
+    def segment(system: System) -> Segment:
+        d = parse_definition({"name": "s", "rules": [rule]}, NOW, lambda s: True)
+        seg = Segment("s", 0, "s", "", d, to_json(d), compile_definition(d, system.atoms),
+                      NOW, status=Status.ACTIVE)
+        system.add_segment(seg)
+        return seg
+
+    live, later = System("a", "w", "k", NOW), System("b", "w", "k", NOW)
+    seg_live = segment(live)
+    for system in (live, later):
+        for uid, url in URLS.items():
+            system.apply_event(uid, "view", NOW - MIN, {"url": url, "n": 1}, None, NOW, [])
+            system.apply_event(uid, "other", NOW - MIN, {"url": url}, None, NOW, [])
+    seg_later = segment(later)
+    later.backfill(seg_later, list(later.users), NOW, [])
+    assert set(seg_live.members) == want
+    assert set(seg_later.members) == want

@@ -235,8 +235,12 @@ class ActorCtx:
             got = atom.new_matches()
             event = atom.event
             plain = atom.where is None and atom.value_prop is None
+            needles = atom.needles
             for ts, name, raw, sid in self.actor.events():
                 if name == event:
+                    if needles is not None and (
+                            raw is None or not any(n in raw for n in needles)):
+                        continue  # Cannot pass the filter: no need to decode.
                     atom.record(got, ts, _NO_PROPS if plain else props_of(raw), sid)
             # Most users match most atoms never: they share one read-only empty list.
             self._kept[atom_id] = got if got.ts else EMPTY

@@ -26,6 +26,9 @@ class Atom:
     where: Predicate | None
     value_prop: str | None
     with_sids: bool
+    # Byte strings one of which the stored props (msgspec JSON) must contain for ``where``
+    # to pass; None when no such test is known. Lets a scan skip most decodes.
+    needles: tuple[bytes, ...] | None = None
 
     def new_matches(self) -> ev.Matches:
         return ev.Matches(self.value_prop is not None, self.with_sids)
@@ -72,12 +75,30 @@ class AtomRegistry:
         key = (event, msgspec.json.encode(where), value_prop, sids)
         atom = self.by_key.get(key)
         if atom is None:
-            pred = compile_where([(f.property, f.op, _value(f.value)) for f in where])
-            atom = Atom(len(self.by_id), event, pred, value_prop, sids)
+            plain = [(f.property, f.op, _value(f.value)) for f in where]
+            atom = Atom(len(self.by_id), event, compile_where(plain), value_prop, sids,
+                        _needles(plain))
             self.by_key[key] = atom
             self.by_id.append(atom)
             self.by_event.setdefault(event, []).append(atom)
         return atom
+
+
+def _needles(where: list[tuple[str, str, Any]]) -> tuple[bytes, ...] | None:
+    """What the encoded props must contain for a string filter of ``where`` to pass: every
+    filter must, and JSON escapes character by character, so the encoding of a string
+    value (or of a part of it) appears in the encoding of any string holding it."""
+    enc = msgspec.json.encode
+    for _prop, op, value in where:
+        if op == "eq" and isinstance(value, str):
+            return (enc(value),)
+        if op == "in" and value and all(isinstance(v, str) for v in value):
+            return tuple(enc(v) for v in value)
+        if op == "starts_with" and isinstance(value, str):
+            return (enc(value)[:-1],)
+        if op == "contains" and isinstance(value, str) and value:
+            return (enc(value)[1:-1],)
+    return None
 
 
 def _value(v: Any) -> Any:
