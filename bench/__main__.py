@@ -45,6 +45,7 @@ TARGETS = {
     "bytes_per_event": ("<=", 200),
     "backfill_s": ("<=", 10),
     "restart_s": ("<=", 30),
+    "restart_writes_s": ("<=", 30),
 }
 
 
@@ -151,6 +152,8 @@ def figures(out: dict[str, Any]) -> list[dict[str, Any]]:
             add("restart_s", "restart after kill -9: members served s",
                 x.get("members_s", x.get("error")), size)
             add(None, "restart: /healthz s", x.get("healthz_s"), size)
+            add("restart_writes_s", "restart: histories loaded, writes accepted s",
+                x.get("writes_s"), size)
     return rows
 
 

@@ -15,7 +15,9 @@ hold them all.
   POSTed; the time until GET shows it ``active``; then POST estimate of another new
   definition, timed (best of 3).
 - restart: ``kill -9``; a new process on the same data dir; the time until /healthz answers
-  200 and until GET members of ``buyers 30d`` answers, and whether its size is the same.
+  200, until GET members of ``buyers 30d`` answers (reads are served while the users'
+  histories load), whether its size is the same, and until an event is accepted (202:
+  writes wait for the histories).
 """
 
 from __future__ import annotations
@@ -140,6 +142,12 @@ def restart(srv: ServerProc, c: httpx.Client, seg: str, timeout: float) -> dict[
             time.sleep(0.02)
         out["size_after"] = c2.get(f"/v1/systems/{SYS}/segments/{seg}").json()["size"]
         out["status_after"] = c2.get(f"/v1/systems/{SYS}/segments/{seg}").json()["status"]
+        # Writes wait until every user's history is loaded: the time to a 202.
+        with client(new, timeout=timeout) as c3:
+            r = c3.post(f"/v1/systems/{SYS}/events", json={
+                "user_id": "restart-probe", "name": "probe", "ts": int(time.time() * 1000)})
+            if r.status_code == 202:
+                out["writes_s"] = round(time.perf_counter() - t0, 3)
     out["rss_mb_after_restart"] = round(new.rss_bytes() / 2**20, 1)
     return out
 
@@ -160,6 +168,7 @@ def report(res: dict[str, Any]) -> list[tuple[str, Any]]:
         r = res["restart"]
         rows += [("restart: /healthz s", r.get("healthz_s", r.get("error"))),
                  ("restart: members served s", r.get("members_s")),
+                 ("restart: writes accepted s", r.get("writes_s")),
                  ("restart: size before/after", f"{r['size_before']} / {r.get('size_after')}")]
     return rows
 

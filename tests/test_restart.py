@@ -221,3 +221,43 @@ def test_sigterm_exits_with_code_0(tmp_path: Path) -> None:
         assert sp.stop() == 0
     finally:
         sp.kill()
+
+
+async def test_after_a_restart_reads_are_served_while_histories_load_and_writes_wait(
+        tmp_path: Path) -> None:
+    """Members are served at once; an event posted while the histories load is applied
+    after them, over the whole history (3 buys in all: the user enters)."""
+    import asyncio
+
+    from conftest import FakeClock
+    from segactors.config import Config
+    from segactors.server import Server
+    from segactors.wire import EventIn
+
+    clock = FakeClock()
+    cfg = dict(data_dir=tmp_path, root_token="t", clock=clock, load_slice=1)
+    first = Server(Config(**cfg))  # type: ignore[arg-type]
+    await first.start(background=False)
+    system = await first.create_system("shop")
+    seg = await first.create_segment(system, {"name": "3 buys", "rules": [
+        {"kind": "did", "event": "buy", "count": {"op": "gte", "value": 3}}]})
+    await first.run_backfills()
+    await first.ingest_events(system, [EventIn(u, "buy", clock.now)
+                                       for u in ("a", "a", "b", "b", "b")])
+    assert list(seg.members) == ["b"]
+    await first.stop()
+
+    srv = Server(Config(**cfg))  # type: ignore[arg-type]
+    await srv.start()
+    try:
+        assert not srv.ready.is_set()
+        assert list(srv.systems["shop"].segments[seg.id].members) == ["b"]
+        late = asyncio.create_task(srv.ingest_events(srv.systems["shop"],
+                                                     [EventIn("a", "buy", clock.now)]))
+        await asyncio.sleep(0)
+        assert not late.done() and not srv.ready.is_set()
+        assert await asyncio.wait_for(late, 10) == (1, 0)
+        assert srv.ready.is_set()
+        assert list(srv.systems["shop"].segments[seg.id].members) == ["a", "b"]
+    finally:
+        await srv.stop()

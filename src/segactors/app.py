@@ -174,6 +174,7 @@ async def healthz(request: Request) -> Response:
 async def systems(request: Request) -> Response:
     srv = need_root(request)
     if request.method == "GET":
+        await srv.wait_ready()  # Counts of users and events need the histories.
         return JSON([system_json(s) for s in srv.systems.values()])
     try:
         spec = msgspec.convert(await json_of(request, srv), SystemIn)
@@ -187,6 +188,7 @@ async def systems(request: Request) -> Response:
 @route
 async def system_get(request: Request) -> Response:
     srv, system = need_system(request)
+    await srv.wait_ready()
     return JSON(system_json(system))
 
 
@@ -309,6 +311,7 @@ def profile_json(srv: Server, system: System, uid: str) -> dict[str, Any]:
 @route
 async def user_get(request: Request) -> Response:
     srv, system = need_system(request)
+    await srv.wait_ready()
     uid = request.path_params["uid"]
     u = system.users.get(uid)
     if u is None:

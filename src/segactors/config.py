@@ -38,9 +38,13 @@ class Config:
     clock: Callable[[], int] = wall_clock
     tick_interval: float = 0.05
     backfill_slice: int = 2000
+    # Users brought up to date (every segment evaluated) between yields after a restart.
+    recover_slice: int = 100
     # Events applied (or due users advanced) between yields to the loop: a push waits at
     # most about this much work of another request.
     ingest_slice: int = 64
+    # Stored events loaded between yields to the loop after a restart.
+    load_slice: int = 50_000
     # Events stay in memory at least this long, and as long as any live segment looks back.
     event_retention_ms: int = 90 * DAY_MS
     prune_interval_ms: int = 600_000

@@ -11,6 +11,7 @@ import gc
 import hashlib
 import hmac
 import secrets
+import sqlite3
 from collections import deque
 from collections.abc import Callable
 from itertools import islice
@@ -45,6 +46,8 @@ LEAVE = "DELETE FROM members WHERE system=? AND segment=? AND user_id=?"
 SAVE_WEBHOOK = "INSERT OR REPLACE INTO webhooks (system, id, body, last_seq) VALUES (?,?,?,?)"
 SAVE_SEGMENT = "INSERT OR REPLACE INTO segments (system, id, idx, body) VALUES (?,?,?,?)"
 CLOCK = "INSERT OR REPLACE INTO meta (key, value) VALUES ('clock', ?)"
+EVENTS_IN_ORDER = ("SELECT system, user_id, name, ts, event_id, session_id, props "
+                   "FROM events ORDER BY rowid")
 
 
 def count_rules(rules: list[Any]) -> int:
@@ -80,6 +83,7 @@ class Server:
         self.webhooks = Deliverer(lambda sid: self.logs[sid], self._save_webhook,
                                   first_backoff=config.webhook_first_backoff)
         self._loaded_hooks: list[Webhook] = []
+        self.ready = asyncio.Event()  # Set once users' histories are loaded.
         self.recovered = asyncio.Event()  # Set once every restored user is up to date.
         self._prune_queue: deque[tuple[System, list[str], int]] | None = None
         self._last_prune = config.clock()
@@ -90,22 +94,62 @@ class Server:
     # Lifecycle
 
     async def start(self, background: bool = True) -> None:
+        """Load what reads need (systems, segments, members, the change log), then serve.
+        Users' histories load next, in slices that yield: meanwhile reads and streams are
+        served, and whatever needs the users' state (ingest, profiles, estimates, user and
+        system details, time-driven changes, first computations) waits for ``ready``.
+        ``background=False`` loads everything before returning and starts no task."""
         self._load_root_token()
         await self.store.open()
-        self._load()
-        # Everything loaded lives as long as the process: keep the collector off it, and
-        # collect the young generation less often (ingest allocates in bursts).
+        gc.set_threshold(*self.config.gc_threshold)
+        last = self._load_state()
+        if not background:
+            con = self.store.read()
+            try:
+                self._load_profiles(con)
+                load_events(self.systems, con.execute(EVENTS_IN_ORDER))
+            finally:
+                con.close()
+            self._loaded(last)
+            return
+        for hook in self._loaded_hooks:
+            self.webhooks.start(hook)
+        if self.config.gc_freeze_interval > 0:
+            self._tasks.append(asyncio.create_task(self._freezer(), name="segactors-gc"))
+        self._tasks.append(asyncio.create_task(self._load_history(last), name="segactors-load"))
+
+    async def _load_history(self, last: int) -> None:
+        con = self.store.read()
+        try:
+            self._load_profiles(con)
+            await asyncio.sleep(0)
+            cur = con.execute(EVENTS_IN_ORDER)
+            while chunk := cur.fetchmany(self.config.load_slice):
+                load_events(self.systems, chunk)
+                await asyncio.sleep(0)
+        finally:
+            con.close()
+        self._loaded(last)
+        self._tasks.append(asyncio.create_task(self.run_recovery(), name="segactors-recovery"))
+        self._tasks.append(asyncio.create_task(self._ticker(), name="segactors-ticker"))
+        self._tasks.append(asyncio.create_task(self._backfiller(), name="segactors-backfill"))
+
+    def _loaded(self, last: int) -> None:
+        for system in self.systems.values():
+            system.loaded(last)
+            for seg in system.segments.values():
+                if seg.status is Status.PENDING:
+                    self._backfills.append((system, seg))
+        self._backfill_wake.set()
+        # Everything loaded lives as long as the process: keep the collector off it.
         gc.collect()
         gc.freeze()
-        gc.set_threshold(*self.config.gc_threshold)
-        if background:
-            for hook in self._loaded_hooks:
-                self.webhooks.start(hook)
-            self._tasks.append(asyncio.create_task(self.run_recovery(), name="segactors-recovery"))
-            self._tasks.append(asyncio.create_task(self._ticker(), name="segactors-ticker"))
-            self._tasks.append(asyncio.create_task(self._backfiller(), name="segactors-backfill"))
-            if self.config.gc_freeze_interval > 0:
-                self._tasks.append(asyncio.create_task(self._freezer(), name="segactors-gc"))
+        self.ready.set()
+
+    async def wait_ready(self) -> None:
+        """Wait until users' histories are loaded (at once, but just after a restart)."""
+        if not self.ready.is_set():
+            await self.ready.wait()
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -134,8 +178,9 @@ class Server:
         print(f"segactors: generated root token (stored in {path}): {self.root_token}",
               flush=True)
 
-    def _load(self) -> None:
-        """Rebuild every system from SQLite, then catch up on what came due while down."""
+    def _load_state(self) -> int:
+        """Systems, segments, members, webhooks and the change log from SQLite; returns
+        the instant the stored state was last written."""
         con = self.store.read()
         try:
             for sid, wk, secret, created in rows(con, "SELECT * FROM systems"):
@@ -146,17 +191,13 @@ class Server:
                 con, "SELECT system, id, idx, body FROM segments ORDER BY system, idx"
             ):
                 self._load_segment(self.systems[sid], seg_id, msgspec.json.decode(body))
-            load_events(self.systems, con.execute(
-                "SELECT system, user_id, name, ts, event_id, session_id, props "
-                "FROM events ORDER BY rowid"))
-            for sid, uid, props in rows(
-                con, "SELECT system, user_id, props FROM profiles ORDER BY rowid"
-            ):
-                self.systems[sid].load_profile(uid, msgspec.json.decode(props))
+            members: dict[tuple[str, str], list[str]] = {}
             for sid, seg_id, uid in rows(con, "SELECT system, segment, user_id FROM members"):
+                members.setdefault((sid, seg_id), []).append(uid)
+            for (sid, seg_id), uids in members.items():
                 seg = self.systems[sid].segments.get(seg_id)
                 if seg is not None:
-                    seg.members.add(uid)
+                    seg.members.update(uids)  # One sort, not one insert per member.
             for sid, hid, body, last_seq in rows(con, "SELECT * FROM webhooks"):
                 b = msgspec.json.decode(body)
                 self._loaded_hooks.append(Webhook(hid, sid, b["url"], b["segments"],
@@ -171,16 +212,18 @@ class Server:
             con.close()
         for system in self.systems.values():
             system.seq = self.logs[system.id].last_seq
-            system.loaded(last)
-            for seg in system.segments.values():
-                if seg.status is Status.PENDING:
-                    self._backfills.append((system, seg))
-        self._backfill_wake.set()
+        return last
+
+    def _load_profiles(self, con: sqlite3.Connection) -> None:
+        for sid, uid, props in rows(
+            con, "SELECT system, user_id, props FROM profiles ORDER BY rowid"
+        ):
+            self.systems[sid].load_profile(uid, msgspec.json.decode(props))
 
     async def run_recovery(self) -> None:
         """Recover restored users in slices that yield, so the server serves meanwhile;
         a user touched by an event first is recovered then (see ``System.recover``)."""
-        step = self.config.backfill_slice
+        step = self.config.recover_slice
         for system in list(self.systems.values()):
             while system.unrecovered:
                 uids = list(islice(system.unrecovered, step))
@@ -252,6 +295,7 @@ class Server:
 
     async def ingest_events(self, system: System, items: list[EventIn]) -> tuple[int, int]:
         """Validate all, dedupe, make durable, then apply. All-or-nothing."""
+        await self.wait_ready()
         now = self.clock()
         top = min(MAX_TS, now + self.config.future_horizon_ms)
         stamped: list[int] = []
@@ -314,6 +358,7 @@ class Server:
                 raise r
 
     async def ingest_profiles(self, system: System, items: list[ProfileIn]) -> int:
+        await self.wait_ready()
         details = []
         for i, p in enumerate(items):
             bad = [k for k in p.props if k in ("first_seen", "last_seen")]
@@ -474,6 +519,7 @@ class Server:
 
     async def estimate(self, system: System, body: Any, sample: int = 10) -> tuple[int, list[str]]:
         """The Calculate dry run: members of an unsaved definition now, in slices."""
+        await self.wait_ready()
         defn = self.parse(system, body)
         scratch = AtomRegistry()
         compiled = compile_definition(defn, scratch)

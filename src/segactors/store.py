@@ -1,8 +1,10 @@
 """SQLite persistence: append-only events and profiles, systems, segments, changes, members.
 
-One long-lived connection in WAL mode. Writes are queued and committed together by one
-writer task (group commit): every caller's future resolves once its rows are durable, in
-submission order, so callbacks run in ``seq`` order. Reads happen only at start-up.
+One long-lived connection in WAL mode, used by one writer thread. Writes are queued and
+committed together (group commit): the writer task hands each group to the thread as one
+call (one transaction, so the loop is not needed between statements), and every caller's
+future resolves once its rows are durable, in submission order, so callbacks run in
+``seq`` order. Reads happen only at start-up.
 """
 
 from __future__ import annotations
@@ -10,10 +12,9 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-
-import aiosqlite
 
 from segactors.errors import Unavailable
 
@@ -48,7 +49,8 @@ class Store:
     def __init__(self, data_dir: Path, synchronous: str = "FULL") -> None:
         self.path = Path(data_dir) / "segactors.db"
         self.synchronous = synchronous
-        self._db: aiosqlite.Connection | None = None
+        self._db: sqlite3.Connection | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="segactors-sqlite")
         self._queue: list[tuple[list[Op], asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
@@ -56,10 +58,7 @@ class Store:
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._db.execute("PRAGMA journal_mode=WAL")
-        await self._db.execute(f"PRAGMA synchronous={self.synchronous}")
-        await self._db.executescript(SCHEMA)
+        await self._call(self._open)
         self._writer = asyncio.create_task(self._write_loop(), name="segactors-store-writer")
 
     def read(self) -> sqlite3.Connection:
@@ -77,9 +76,33 @@ class Store:
         self._wake.set()
         return fut
 
-    async def _write_loop(self) -> None:
+    def _open(self) -> None:
+        db = self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={self.synchronous}")
+        db.executescript(SCHEMA)
+
+    def _commit(self, batch: list[list[Op]]) -> None:
+        """One transaction for a group of writes (in the writer thread)."""
         db = self._db
         assert db is not None
+        db.execute("BEGIN")
+        try:
+            for ops in batch:
+                for sql, rows_ in ops:
+                    db.executemany(sql, rows_)
+            db.execute("COMMIT")
+        except BaseException:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    async def _write_loop(self) -> None:
         while True:
             if not self._queue:
                 if self._closing:
@@ -89,16 +112,8 @@ class Store:
                 continue
             batch, self._queue = self._queue, []
             try:
-                await db.execute("BEGIN")
-                for ops, _ in batch:
-                    for sql, rows in ops:
-                        await db.executemany(sql, rows)
-                await db.execute("COMMIT")
+                await self._call(self._commit, [ops for ops, _ in batch])
             except Exception as e:  # Nothing of this batch is acknowledged.
-                try:
-                    await db.execute("ROLLBACK")
-                except Exception:
-                    pass
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(Unavailable(f"could not make data durable: {e}"))
@@ -114,7 +129,9 @@ class Store:
         if self._writer is not None:
             await self._writer
         if self._db is not None:
-            await self._db.close()
+            await self._call(self._db.close)
+            self._db = None
+        self._thread.shutdown(wait=True)
 
 
 def rows(con: sqlite3.Connection, sql: str, *args: Any) -> Iterator[tuple[Any, ...]]:
