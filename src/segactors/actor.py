@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from segactors.rules.evaluate import (
-    ALL_SESSIONS, EMPTY, NEVER, SessionState, Matches, seen_props, unanswered, unanswered_add_a, unanswered_add_not,
+    ALL_SESSIONS, EMPTY, NEVER, AggState, SessionState, Matches, seen_props, unanswered, unanswered_add_a, unanswered_add_not,
 )
 
 if TYPE_CHECKING:
@@ -36,12 +36,13 @@ def props_of(raw: bytes | None) -> dict[str, Any]:
 _NONE: tuple[Any, ...] = ()
 
 
-def _drop_before(ts: array[int], vals: list[Any] | None, cutoff: int) -> None:
-    k = bisect_left(ts, cutoff)
+def _drop_before(m: Matches, cutoff: int) -> None:
+    k = bisect_left(m.ts, cutoff)
     if k > 1:
-        del ts[1:k]
-        if vals is not None:
-            del vals[1:k]
+        del m.ts[1:k]
+        m.epoch += 1
+        if m.vals is not None:
+            del m.vals[1:k]
 
 
 class UserActor:
@@ -69,8 +70,9 @@ class UserActor:
         self.matches: dict[int, Matches] = {}
         self.deadline: int | None = None
         self.sessions: dict[str, int] | None = None
-        # Per session-scope segment: its sessions' last results (see SessionState).
-        self.scache: dict[object, SessionState] | None = None
+        # Per session-scope segment: its sessions' last results (SessionState); per
+        # aggregate rule: its running value (AggState).
+        self.scache: dict[object, SessionState | AggState] | None = None
 
     def append(self, ts: int, name: str, raw: bytes | None, sid: str | None) -> None:
         """Store one event in ``ts`` order. O(1) in order, O(events) out of order."""
@@ -182,7 +184,7 @@ class UserActor:
             self.sids = [sids[i] for i in keep] + sids[k:]
         for m in self.matches.values():
             # Session-scope atoms are never pruned: their segments look back forever.
-            _drop_before(m.ts, m.vals, cutoff)
+            _drop_before(m, cutoff)
         return dropped
 
     def session_starts(self) -> dict[str, int]:
@@ -245,6 +247,18 @@ class ActorCtx:
             # Most users match most atoms never: they share one read-only empty list.
             self._kept[atom_id] = got if got.ts else EMPTY
         return got
+
+    def agg_state(self, node: object) -> AggState | None:
+        """The running aggregate of ``node`` for this user, kept between evaluations."""
+        if self._scratch is not None:
+            return None
+        caches = self.actor.scache
+        if caches is None:
+            caches = self.actor.scache = {}
+        state = caches.get(node)
+        if state is None:
+            state = caches[node] = AggState()
+        return state  # type: ignore[return-value]
 
     def unanswered(self, pair_id: int) -> Sequence[int] | None:
         """The kept list of a ``did_then_not`` pair, built on first use. Dry runs scan."""

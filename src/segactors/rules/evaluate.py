@@ -12,6 +12,7 @@ are bisects over them, so a re-evaluation costs O(log n) per leaf for most kinds
 from __future__ import annotations
 
 import heapq
+import math
 from array import array
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Mapping, MutableSequence, Sequence
@@ -32,12 +33,15 @@ class Matches:
     a session's view costs a dict lookup.
     """
 
-    __slots__ = ("ts", "vals", "by_sid")
+    __slots__ = ("ts", "vals", "by_sid", "epoch")
 
     def __init__(self, with_vals: bool, with_sids: bool) -> None:
         self.ts: array[int] = array("q")
         self.vals: list[Any] | None = [] if with_vals else None
         self.by_sid: dict[str, Matches] | None = {} if with_sids else None
+        # Bumped whenever an entry moves (an insert before the end, a prune): running
+        # aggregates over index ranges (AggState) are then rebuilt.
+        self.epoch = 0
 
     def insert(self, ts: int, val: Any, sid: str | None) -> None:
         ts_list = self.ts
@@ -48,6 +52,7 @@ class Matches:
         else:
             i = bisect_right(ts_list, ts)
             ts_list.insert(i, ts)
+            self.epoch += 1
             if self.vals is not None:
                 self.vals.insert(i, val)
         if self.by_sid is not None and sid is not None:
@@ -80,6 +85,8 @@ class Ctx(Protocol):
     def session_cache(self, key: object) -> tuple[SessionState | None, str | None]: ...
 
     def profile(self, now: int) -> Mapping[str, Any]: ...
+
+    def agg_state(self, node: object) -> AggState | None: ...
 
     def member(self, segment: str) -> bool: ...
 
@@ -188,6 +195,7 @@ def _numbers(vals: list[Any]) -> list[float]:
 
 
 def _aggregate(fn: str, vals: list[Any]) -> float | None:
+    """``fn`` over ``vals``: sums are exact, correctly rounded (``math.fsum``)."""
     if fn == "distinct":
         keys = {eq_key(v) for v in vals if v is not None}
         keys.discard(None)
@@ -196,10 +204,100 @@ def _aggregate(fn: str, vals: list[Any]) -> float | None:
     if not nums:
         return None
     if fn == "sum":
-        return sum(nums)
+        return math.fsum(nums)
     if fn == "avg":
-        return sum(nums) / len(nums)
+        return math.fsum(nums) / len(nums)
     return min(nums) if fn == "min" else max(nums)
+
+
+def _add_exact(partials: list[float], x: float) -> None:
+    """Add ``x`` to the exact sum held as non-overlapping ``partials`` (Shewchuk)."""
+    i = 0
+    for y in partials:
+        if abs(x) < abs(y):
+            x, y = y, x
+        hi = x + y
+        lo = y - (hi - x)
+        if lo:
+            partials[i] = lo
+            i += 1
+        x = hi
+    partials[i:] = [x]
+
+
+_EXACT = 2 ** 53
+
+
+class AggState:
+    """A running ``sum``/``avg``/``distinct`` over ``vals[i:j]`` of one ``Matches``: moving
+    the range forward adds and removes only what entered and left, so a sliding window
+    costs O(change), not O(window). Sums stay exact (the partials of an exact sum;
+    removing is adding the negation), so the value equals ``_aggregate`` over the range."""
+
+    __slots__ = ("m", "epoch", "i", "j", "partials", "n", "counts")
+
+    def __init__(self) -> None:
+        self.m: Matches | None = None
+        self.epoch = self.i = self.j = self.n = 0
+        self.partials: list[float] = []
+        self.counts: dict[Any, int] | None = None
+
+    def value(self, fn: str, m: Matches, i: int, j: int) -> float | None:
+        vals = m.vals
+        assert vals is not None
+        if self.m is not m or self.epoch != m.epoch or i < self.i or j < self.j:
+            self.m, self.epoch, self.i, self.j, self.n = m, m.epoch, i, i, 0
+            self.partials = []
+            self.counts = {} if fn == "distinct" else None
+        if i > self.j:
+            self.i = self.j = i  # Everything kept has left: start over at i.
+            self.partials, self.n = [], 0
+            if self.counts is not None:
+                self.counts.clear()
+        if fn == "distinct":
+            counts = self.counts
+            assert counts is not None
+            for v in vals[self.i:i]:
+                k = eq_key(v)
+                if k is not None:
+                    c = counts[k] - 1
+                    if c:
+                        counts[k] = c
+                    else:
+                        del counts[k]
+            for v in vals[self.j:j]:
+                k = eq_key(v)
+                if k is not None:
+                    counts[k] = counts.get(k, 0) + 1
+            self.i, self.j = i, j
+            return float(len(counts)) if counts else None
+        partials = self.partials
+        for v in vals[self.i:i]:
+            if type(v) is float or type(v) is int:
+                _add_exact(partials, -v)
+                self.n -= 1
+        for v in vals[self.j:j]:
+            if type(v) is float or type(v) is int:
+                if type(v) is int and not -_EXACT <= v <= _EXACT:
+                    self.m = None  # Not exact as a float: computed directly.
+                    return _aggregate(fn, vals[i:j])
+                _add_exact(partials, v)
+                self.n += 1
+        self.i, self.j = i, j
+        if not self.n:
+            return None
+        total = math.fsum(partials)
+        return total if fn == "sum" else total / self.n
+
+    def _check(self) -> None:
+        m = self.m
+        if m is None or m.vals is None or self.epoch != m.epoch:
+            return
+        fn = "distinct" if self.counts is not None else "sum"
+        want = _aggregate(fn, m.vals[self.i:self.j])
+        got = (float(len(self.counts)) if self.counts else None) if self.counts is not None \
+            else (math.fsum(self.partials) if self.n else None)
+        assert got == want, (got, want)
 
 
 class Aggregate(Node):
@@ -212,7 +310,13 @@ class Aggregate(Node):
     def eval(self, ctx: Ctx, now: int) -> Result:
         m = ctx.m(self.atom)
         i, j = self.win.span(m.ts, now)
-        value = _aggregate(self.fn, m.vals[i:j]) if m.vals is not None and i < j else None
+        value = None
+        if m.vals is not None and i < j:
+            state = ctx.agg_state(self) if self.fn in ("sum", "avg", "distinct") else None
+            if state is not None:
+                value = state.value(self.fn, m, i, j)
+            else:
+                value = _aggregate(self.fn, m.vals[i:j])
         holds = self.include_absent if value is None else self.cmp(value)
         return holds, self.win.next(m.ts, now)
 
@@ -466,6 +570,9 @@ class SessionCtx:
 
     def unanswered(self, pair: int) -> Sequence[int] | None:
         return None  # Session scope scans its own events.
+
+    def agg_state(self, node: object) -> AggState | None:
+        return None  # One node reads many sessions' lists: computed directly.
 
     def profile(self, now: int) -> Mapping[str, Any]:
         return self.base.profile(now)
