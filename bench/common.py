@@ -32,6 +32,14 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def quiet_gc() -> None:
+    """Freeze what this process holds (the workload): its collector's passes would
+    otherwise stall the loop that timestamps arrivals, and show as server latency."""
+    import gc
+    gc.collect()
+    gc.freeze()
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 

@@ -33,8 +33,8 @@ from typing import Any
 import httpx
 import websockets
 
-from bench.common import (HEADERS, SYS, client, dist, now_ms, post_all, print_rows, save,
-                          setup_system, stop_on_sigterm)
+from bench.common import (HEADERS, SYS, client, dist, now_ms, post_all, print_rows, quiet_gc,
+                          save, setup_system, stop_on_sigterm)
 from bench.serverproc import ROOT, ServerProc
 from bench.workload import Workload
 
@@ -43,6 +43,7 @@ PROBE = {"name": "probe", "rules": [{"kind": "did", "event": "probe"}]}
 
 async def level(url: str, probe_seg: str, bodies: list[bytes], rate: float, batch: int,
                 duration: float, probe_ms: float, tag: str) -> dict[str, Any]:
+    quiet_gc()
     ws_url = url.replace("http", "ws") + f"/v1/systems/{SYS}/stream?token={ROOT}"
     arrivals: dict[str, float] = {}
     counts = {"firehose": 0, "overflow": 0}

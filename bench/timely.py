@@ -29,8 +29,8 @@ from typing import Any
 import msgspec
 import websockets
 
-from bench.common import (SYS, client, dist, now_ms, post_all, print_rows, save, setup_system,
-                          stop_on_sigterm)
+from bench.common import (SYS, client, dist, now_ms, post_all, print_rows, quiet_gc, save,
+                          setup_system, stop_on_sigterm)
 from bench.serverproc import ROOT, ServerProc
 from bench.workload import Workload
 
@@ -77,6 +77,7 @@ def run(users: int, events: int, leavers: int, spread: float, seed: int = 1,
 
 async def measure(srv: ServerProc, seg: str, leavers: int, spread: float, lead_ms: int,
                   seed: int) -> dict[str, Any]:
+    quiet_gc()
     rng = random.Random(seed)
     ws_url = srv.url.replace("http", "ws") + f"/v1/systems/{SYS}/stream?token={ROOT}"
     late: list[float] = []
