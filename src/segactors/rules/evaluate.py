@@ -230,8 +230,8 @@ _EXACT = 2 ** 53
 
 class AggState:
     """A running ``sum``/``avg``/``distinct`` over ``vals[i:j]`` of one ``Matches``: moving
-    the range forward adds and removes only what entered and left, so a sliding window
-    costs O(change), not O(window). Sums stay exact (the partials of an exact sum;
+    the range adds and removes only what entered and left, so a sliding window costs
+    O(change), not O(window). Sums stay exact (the partials of an exact sum;
     removing is adding the negation), so the value equals ``_aggregate`` over the range."""
 
     __slots__ = ("m", "epoch", "i", "j", "partials", "n", "counts")
@@ -245,49 +245,55 @@ class AggState:
     def value(self, fn: str, m: Matches, i: int, j: int) -> float | None:
         vals = m.vals
         assert vals is not None
-        if self.m is not m or self.epoch != m.epoch or i < self.i or j < self.j:
+        # Either edge may move either way (evaluations at slightly different instants
+        # interleave): adjust by what changed, or start over when that is cheaper.
+        if (self.m is not m or self.epoch != m.epoch
+                or abs(i - self.i) + abs(j - self.j) > j - i):
             self.m, self.epoch, self.i, self.j, self.n = m, m.epoch, i, i, 0
             self.partials = []
             self.counts = {} if fn == "distinct" else None
-        if i > self.j:
-            self.i = self.j = i  # Everything kept has left: start over at i.
-            self.partials, self.n = [], 0
-            if self.counts is not None:
-                self.counts.clear()
         if fn == "distinct":
             counts = self.counts
             assert counts is not None
-            for v in vals[self.i:i]:
-                k = eq_key(v)
-                if k is not None:
-                    c = counts[k] - 1
-                    if c:
-                        counts[k] = c
-                    else:
-                        del counts[k]
-            for v in vals[self.j:j]:
-                k = eq_key(v)
-                if k is not None:
-                    counts[k] = counts.get(k, 0) + 1
+            for lo, hi, d in self._moves(i, j):
+                for v in vals[lo:hi]:
+                    k = eq_key(v)
+                    if k is not None:
+                        c = counts.get(k, 0) + d
+                        if c:
+                            counts[k] = c
+                        else:
+                            del counts[k]
             self.i, self.j = i, j
             return float(len(counts)) if counts else None
         partials = self.partials
-        for v in vals[self.i:i]:
-            if type(v) is float or type(v) is int:
-                _add_exact(partials, -v)
-                self.n -= 1
-        for v in vals[self.j:j]:
-            if type(v) is float or type(v) is int:
-                if type(v) is int and not -_EXACT <= v <= _EXACT:
-                    self.m = None  # Not exact as a float: computed directly.
-                    return _aggregate(fn, vals[i:j])
-                _add_exact(partials, v)
-                self.n += 1
+        for lo, hi, d in self._moves(i, j):
+            for v in vals[lo:hi]:
+                if type(v) is float or type(v) is int:
+                    if type(v) is int and not -_EXACT <= v <= _EXACT:
+                        self.m = None  # Not exact as a float: computed directly.
+                        return _aggregate(fn, vals[i:j])
+                    _add_exact(partials, v if d > 0 else -v)
+                    self.n += d
         self.i, self.j = i, j
         if not self.n:
             return None
         total = math.fsum(partials)
         return total if fn == "sum" else total / self.n
+
+    def _moves(self, i: int, j: int) -> list[tuple[int, int, int]]:
+        """The index ranges that enter (+1) and leave (-1) when [self.i, self.j) becomes
+        [i, j)."""
+        out = []
+        if i > self.i:
+            out.append((self.i, i, -1))
+        elif i < self.i:
+            out.append((i, self.i, 1))
+        if j > self.j:
+            out.append((self.j, j, 1))
+        elif j < self.j:
+            out.append((j, self.j, -1))
+        return out
 
     def _check(self) -> None:
         m = self.m
