@@ -187,7 +187,10 @@ def write_markdown() -> Path:
                   f"Machine: {mm['cores']} cores ({mm['cpu']}), {mm['ram_gb']} GB RAM, "
                   f"Python {mm['python']}, {mm['platform']}. Command: "
                   f"`python -m bench all{'' if mode == 'full' else ' --' + mode}` "
-                  f"({out.get('total_s', 'cut short, partial')} s).", "", table(out), ""]
+                  f"({out.get('total_s', 'cut short, partial')} s).", ""]
+        if out.get("note"):
+            parts += [out["note"], ""]
+        parts += [table(out), ""]
         chk = out["scenarios"].get("ingest", {}).get("peer", {}).get("checks", [])
         if chk:
             parts += ["<details><summary>segment sizes, server vs DuckDB</summary>", "",

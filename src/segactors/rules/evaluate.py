@@ -33,15 +33,18 @@ class Matches:
     a session's view costs a dict lookup.
     """
 
-    __slots__ = ("ts", "vals", "by_sid", "epoch")
+    __slots__ = ("ts", "vals", "by_sid", "epoch", "moved", "moves")
 
     def __init__(self, with_vals: bool, with_sids: bool) -> None:
         self.ts: array[int] = array("q")
         self.vals: list[Any] | None = [] if with_vals else None
         self.by_sid: dict[str, Matches] | None = {} if with_sids else None
-        # Bumped whenever an entry moves (an insert before the end, a prune): running
-        # aggregates over index ranges (AggState) are then rebuilt.
+        # Running aggregates over index ranges (AggState) follow the entries: a prune
+        # bumps `epoch` (they start over); an insert before the end counts in `moved`, and
+        # with values the last few are kept in `moves` as (index, value) to replay.
         self.epoch = 0
+        self.moved = 0
+        self.moves: list[tuple[int, Any]] | None = None
 
     def insert(self, ts: int, val: Any, sid: str | None) -> None:
         ts_list = self.ts
@@ -52,9 +55,15 @@ class Matches:
         else:
             i = bisect_right(ts_list, ts)
             ts_list.insert(i, ts)
-            self.epoch += 1
+            self.moved += 1
             if self.vals is not None:
                 self.vals.insert(i, val)
+                moves = self.moves
+                if moves is None:
+                    moves = self.moves = []
+                moves.append((i, val))
+                if len(moves) > _MOVES_KEPT:
+                    del moves[0]
         if self.by_sid is not None and sid is not None:
             sub = self.by_sid.get(sid)
             if sub is None:
@@ -73,6 +82,7 @@ class Matches:
 
 
 EMPTY = Matches(False, False)
+_MOVES_KEPT = 32
 
 
 class Ctx(Protocol):
@@ -234,13 +244,48 @@ class AggState:
     O(change), not O(window). Sums stay exact (the partials of an exact sum;
     removing is adding the negation), so the value equals ``_aggregate`` over the range."""
 
-    __slots__ = ("m", "epoch", "i", "j", "partials", "n", "counts")
+    __slots__ = ("m", "epoch", "moved", "i", "j", "partials", "n", "counts")
 
     def __init__(self) -> None:
         self.m: Matches | None = None
-        self.epoch = self.i = self.j = self.n = 0
+        self.epoch = self.moved = self.i = self.j = self.n = 0
         self.partials: list[float] = []
         self.counts: dict[Any, int] | None = None
+
+    def _put(self, v: Any, d: int) -> bool:
+        """Count ``v`` in (d=1) or out (d=-1). False when a sum could not stay exact."""
+        counts = self.counts
+        if counts is not None:
+            k = eq_key(v)
+            if k is not None:
+                c = counts.get(k, 0) + d
+                if c:
+                    counts[k] = c
+                else:
+                    del counts[k]
+        elif type(v) is float or type(v) is int:
+            if type(v) is int and not -_EXACT <= v <= _EXACT:
+                return False
+            _add_exact(self.partials, v if d > 0 else -v)
+            self.n += d
+        return True
+
+    def _follow(self, m: Matches) -> bool:
+        """Replay the inserts before the end since the last read. False if too many."""
+        behind = m.moved - self.moved
+        moves = m.moves
+        if moves is None or behind > len(moves):
+            return False
+        for k, v in moves[len(moves) - behind:]:
+            if k <= self.i:
+                self.i += 1  # Before the range: it shifts.
+                self.j += 1
+            elif k < self.j:
+                self.j += 1  # Inside: one more value.
+                if not self._put(v, 1):
+                    return False
+        self.moved = m.moved
+        return True
 
     def value(self, fn: str, m: Matches, i: int, j: int) -> float | None:
         vals = m.vals
@@ -248,37 +293,24 @@ class AggState:
         # Either edge may move either way (evaluations at slightly different instants
         # interleave): adjust by what changed, or start over when that is cheaper.
         if (self.m is not m or self.epoch != m.epoch
+                or (self.moved != m.moved and not self._follow(m))
                 or abs(i - self.i) + abs(j - self.j) > j - i):
-            self.m, self.epoch, self.i, self.j, self.n = m, m.epoch, i, i, 0
+            self.m, self.epoch, self.moved = m, m.epoch, m.moved
+            self.i = self.j = i
+            self.n = 0
             self.partials = []
             self.counts = {} if fn == "distinct" else None
-        if fn == "distinct":
-            counts = self.counts
-            assert counts is not None
-            for lo, hi, d in self._moves(i, j):
-                for v in vals[lo:hi]:
-                    k = eq_key(v)
-                    if k is not None:
-                        c = counts.get(k, 0) + d
-                        if c:
-                            counts[k] = c
-                        else:
-                            del counts[k]
-            self.i, self.j = i, j
-            return float(len(counts)) if counts else None
-        partials = self.partials
         for lo, hi, d in self._moves(i, j):
             for v in vals[lo:hi]:
-                if type(v) is float or type(v) is int:
-                    if type(v) is int and not -_EXACT <= v <= _EXACT:
-                        self.m = None  # Not exact as a float: computed directly.
-                        return _aggregate(fn, vals[i:j])
-                    _add_exact(partials, v if d > 0 else -v)
-                    self.n += d
+                if not self._put(v, d):
+                    self.m = None  # Not exact as a float: computed directly.
+                    return _aggregate(fn, vals[i:j])
         self.i, self.j = i, j
+        if self.counts is not None:
+            return float(len(self.counts)) if self.counts else None
         if not self.n:
             return None
-        total = math.fsum(partials)
+        total = math.fsum(self.partials)
         return total if fn == "sum" else total / self.n
 
     def _moves(self, i: int, j: int) -> list[tuple[int, int, int]]:
@@ -297,7 +329,7 @@ class AggState:
 
     def _check(self) -> None:
         m = self.m
-        if m is None or m.vals is None or self.epoch != m.epoch:
+        if m is None or m.vals is None or self.epoch != m.epoch or self.moved != m.moved:
             return
         fn = "distinct" if self.counts is not None else "sum"
         want = _aggregate(fn, m.vals[self.i:self.j])
