@@ -104,21 +104,23 @@ class Server:
         gc.set_threshold(*self.config.gc_threshold)
         last = self._load_state()
         if not background:
-            con = self.store.read()
-            try:
-                self._load_profiles(con)
-                load_events(self.systems, con.execute(EVENTS_IN_ORDER))
-            finally:
-                con.close()
-            self._loaded(last)
+            await self._load_histories(last)
             return
         for hook in self._loaded_hooks:
             self.webhooks.start(hook)
         if self.config.gc_freeze_interval > 0:
             self._tasks.append(asyncio.create_task(self._freezer(), name="segactors-gc"))
-        self._tasks.append(asyncio.create_task(self._load_history(last), name="segactors-load"))
+        self._tasks.append(asyncio.create_task(self._serve_after_load(last),
+                                               name="segactors-load"))
 
-    async def _load_history(self, last: int) -> None:
+    async def _serve_after_load(self, last: int) -> None:
+        await self._load_histories(last)
+        self._tasks.append(asyncio.create_task(self.run_recovery(), name="segactors-recovery"))
+        self._tasks.append(asyncio.create_task(self._ticker(), name="segactors-ticker"))
+        self._tasks.append(asyncio.create_task(self._backfiller(), name="segactors-backfill"))
+
+    async def _load_histories(self, last: int) -> None:
+        """Users' profiles and events, in slices that yield; then ``ready``."""
         con = self.store.read()
         try:
             self._load_profiles(con)
@@ -129,12 +131,6 @@ class Server:
                 await asyncio.sleep(0)
         finally:
             con.close()
-        self._loaded(last)
-        self._tasks.append(asyncio.create_task(self.run_recovery(), name="segactors-recovery"))
-        self._tasks.append(asyncio.create_task(self._ticker(), name="segactors-ticker"))
-        self._tasks.append(asyncio.create_task(self._backfiller(), name="segactors-backfill"))
-
-    def _loaded(self, last: int) -> None:
         for system in self.systems.values():
             system.loaded(last)
             for seg in system.segments.values():
