@@ -213,19 +213,26 @@ class ActorCtx:
         # deadline); ALL_SESSIONS when anything may have (profiles, memberships, first runs).
         self.dirty: str | None = ALL_SESSIONS
 
+    def _kept_state(self, key: object, new: type[Any]) -> tuple[Any, bool]:
+        """The user's state kept for ``key`` (created as ``new()`` if missing), and whether
+        it was just created."""
+        caches = self.actor.scache
+        if caches is None:
+            caches = self.actor.scache = {}
+        state = caches.get(key)
+        if state is None:
+            state = caches[key] = new()
+            return state, True
+        return state, False
+
     def session_cache(self, key: object) -> tuple[SessionState | None, str | None]:
         if self._scratch is not None:
             return None, ALL_SESSIONS
         if not self.actor.session_starts():
             return None, ALL_SESSIONS  # No session: nothing to keep.
-        caches = self.actor.scache
-        if caches is None:
-            caches = self.actor.scache = {}
-        state = caches.get(key)
-        if state is None:  # A new state has met no session yet: all of them, once.
-            state = caches[key] = SessionState()
-            return state, ALL_SESSIONS
-        return state, self.dirty
+        state, created = self._kept_state(key, SessionState)
+        # A new state has met no session yet: all of them, once.
+        return state, ALL_SESSIONS if created else self.dirty
 
     def m(self, atom_id: int) -> Matches:
         got = self._kept.get(atom_id)
@@ -252,13 +259,7 @@ class ActorCtx:
         """The running aggregate of ``node`` for this user, kept between evaluations."""
         if self._scratch is not None:
             return None
-        caches = self.actor.scache
-        if caches is None:
-            caches = self.actor.scache = {}
-        state = caches.get(node)
-        if state is None:
-            state = caches[node] = AggState()
-        return state  # type: ignore[return-value]
+        return self._kept_state(node, AggState)[0]
 
     def unanswered(self, pair_id: int) -> Sequence[int] | None:
         """The kept list of a ``did_then_not`` pair, built on first use. Dry runs scan."""
