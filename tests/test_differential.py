@@ -137,6 +137,17 @@ class Harness:
         self.sys_.apply_profile(uid, dict(props), now, out)
         self._record(out, now)
 
+    def all_at(self, rng: random.Random, events: list[dict], updates: list[tuple[str, dict]],
+               now: int) -> None:
+        """Every event and profile update arriving at ``now``, in a random order."""
+        items = [("event", e) for e in events] + [("profile", u) for u in updates]
+        rng.shuffle(items)
+        for kind, x in items:
+            if kind == "event":
+                self.event(x, now)
+            else:
+                self.profile(x[0], x[1], now)
+
     def create(self, sid: str, d: dict, now: int) -> Segment:
         self._time(now)
         sys_ = self.sys_
@@ -350,13 +361,7 @@ def test_batch_then_time_moves_matches_oracle(seed: int) -> None:
     h = Harness(seed, "batch")
     new_definitions(rng, h, T, rng.randint(3, 4), 0)
     users, events, updates = gen_world(rng, T, rng.randint(20, 40), rng.randint(250, 500))
-    items = [("event", e) for e in events] + [("profile", u) for u in updates]
-    rng.shuffle(items)
-    for kind, x in items:
-        if kind == "event":
-            h.event(x, T)
-        else:
-            h.profile(x[0], x[1], T)
+    h.all_at(rng, events, updates, T)
     h.compare(T)
     step = rng.choice([7 * MIN, 3 * HOUR, 11 * HOUR])
     steps = [T + step, T + rng.choice([2, 6]) * DAY]
@@ -446,13 +451,7 @@ def test_each_rule_kind_alone_on_tie_heavy_data_matches_oracle(seed: int) -> Non
         h.create(f"s{i}", DefGen(rng, T, refs).single(f"{kind} {i}", kind), T)
     users, events, updates = gen_world(rng, T, rng.randint(12, 20), rng.randint(60, 120),
                                        spread=2 * DAY, ties=True)
-    items = [("event", e) for e in events] + [("profile", u) for u in updates]
-    rng.shuffle(items)
-    for kind, x in items:
-        if kind == "event":
-            h.event(x, T)
-        else:
-            h.profile(x[0], x[1], T)
+    h.all_at(rng, events, updates, T)
     h.compare(T)
     for t in edge_instants(h, T, T + 3 * DAY, rng, 1):
         h.prune(t, HOUR)
