@@ -245,12 +245,19 @@ class ActorCtx:
             event = atom.event
             plain = atom.where is None and atom.value_prop is None
             needles = atom.needles
-            for ts, name, raw, sid in self.actor.events():
-                if name == event:
+            u = self.actor
+            names, col, raws, sids = u.names, u.ts, u.raws, u.sids
+            i = -1
+            try:
+                while True:
+                    i = names.index(event, i + 1)  # A scan in C: most events are skipped.
+                    raw = raws[i]
                     if needles is not None and (
                             raw is None or not any(n in raw for n in needles)):
                         continue  # Cannot pass the filter: no need to decode.
-                    atom.record(got, ts, _NO_PROPS if plain else props_of(raw), sid)
+                    atom.record(got, col[i], _NO_PROPS if plain else props_of(raw), sids[i])
+            except ValueError:
+                pass
             # Most users match most atoms never: they share one read-only empty list.
             self._kept[atom_id] = got if got.ts else EMPTY
         return got

@@ -137,6 +137,10 @@ def _count_sign(holds: Callable[[int], bool], c: d.Compare | UnsetType) -> int:
     return 0
 
 
+def _reads_events(node: ev.Node) -> bool:
+    return not isinstance(node, (ev.Profile, ev.ProfileTime, ev.InSegment, ev.Always))
+
+
 def _need(match: d.Match, n: int) -> tuple[int, bool]:
     if isinstance(match, d.AtLeast):
         return match.at_least, False
@@ -212,6 +216,8 @@ class _Compiler:
             self.polarity = -self.polarity
         if len(children) == 1 and need == 1 and not none:
             return children[0]  # "all"/"any"/at_least 1 of one rule is that rule.
+        # Rules that read no events first: they are cheap, and often settle the group.
+        children.sort(key=_reads_events)
         return ev.Group(children, need, none)
 
     def rule(self, r: d.Rule) -> ev.Node:  # noqa: C901 - one branch per rule kind

@@ -579,16 +579,26 @@ class Regularly(Node):
 class Group(Node):
     """``match``: need = n (all), 1 (any), 0 with none holding (none), or k (at_least)."""
 
-    __slots__ = ("children", "need", "none")
+    __slots__ = ("children", "need", "none", "decisive")
 
     def __init__(self, children: list[Node], need: int, none: bool) -> None:
         self.children, self.need, self.none = children, need, none
+        # The child result that settles the group: one holding settles `none` and `any`
+        # (need 1), one failing settles `all` (need every child).
+        self.decisive: bool | None = (True if none or need == 1 else
+                                      False if need == len(children) else None)
 
     def eval(self, ctx: Ctx, now: int) -> Result:
         held = 0
         nxt = NEVER
+        # A child that settles the group, and cannot change with time alone, settles it
+        # until the next event or update re-evaluates the segment: the rest is not read.
+        # (Cheap children come first: see ``_Compiler.group``.)
+        decisive = self.decisive
         for c in self.children:
             h, n = c.eval(ctx, now)
+            if n == NEVER and h is decisive:
+                return h != self.none, NEVER
             held += h
             if n < nxt:
                 nxt = n
