@@ -11,7 +11,6 @@ import gc
 import hashlib
 import hmac
 import secrets
-import sqlite3
 from collections import deque
 from collections.abc import Callable
 from itertools import islice
@@ -26,7 +25,7 @@ from segactors.errors import Conflict, Invalid, NotFound
 from segactors.hub import Hub
 from segactors.webhooks import Deliverer, Webhook, check_url
 from segactors.rules.compile import AtomRegistry, compile_definition
-from segactors.store import Op, Store, rows
+from segactors.store import Op, Store, column, rows
 from segactors.supervisor import Change, Segment, Status, System, load_events, new_key
 from segactors.timefmt import MAX_TS, MIN_TS, parse_ts
 from segactors.wire import EventIn, ProfileIn
@@ -46,8 +45,18 @@ LEAVE = "DELETE FROM members WHERE system=? AND segment=? AND user_id=?"
 SAVE_WEBHOOK = "INSERT OR REPLACE INTO webhooks (system, id, body, last_seq) VALUES (?,?,?,?)"
 SAVE_SEGMENT = "INSERT OR REPLACE INTO segments (system, id, idx, body) VALUES (?,?,?,?)"
 CLOCK = "INSERT OR REPLACE INTO meta (key, value) VALUES ('clock', ?)"
-EVENTS_IN_ORDER = ("SELECT system, user_id, name, ts, event_id, session_id, props "
-                   "FROM events ORDER BY rowid")
+# What was stored before a restart (rowid at most ?): ingest goes on meanwhile.
+EVENTS_IN_ORDER = ("SELECT system, user_id, name, ts, session_id, props "
+                   "FROM events WHERE rowid <= ? ORDER BY rowid")
+PROFILES_IN_ORDER = "SELECT system, user_id, props FROM profiles WHERE rowid <= ? ORDER BY rowid"
+
+
+def _event_row(sid: str, e: EventIn, ts: int, raw: bytes | None) -> tuple[Any, ...]:
+    return (sid, e.user_id, e.name, ts, e.id, e.session_id, raw)
+
+
+def _profile_rows(sid: str, items: list[ProfileIn]) -> list[tuple[Any, ...]]:
+    return [(sid, p.user_id, _json.encode(p.props)) for p in items]
 
 
 def count_rules(rules: list[Any]) -> int:
@@ -84,6 +93,10 @@ class Server:
                                   first_backoff=config.webhook_first_backoff)
         self._loaded_hooks: list[Webhook] = []
         self.ready = asyncio.Event()  # Set once users' histories are loaded.
+        # Set once the stored event ids are loaded (so duplicates are known): from then
+        # on, ingest is acknowledged, and what arrives before ``ready`` is applied then.
+        self.accepting = asyncio.Event()
+        self._deferred: deque[tuple[System, list[tuple[EventIn, int]] | list[ProfileIn]]] = deque()
         self.recovered = asyncio.Event()  # Set once every restored user is up to date.
         self._prune_queue: deque[tuple[System, list[str], int]] | None = None
         self._last_prune = config.clock()
@@ -120,13 +133,27 @@ class Server:
         self._tasks.append(asyncio.create_task(self._backfiller(), name="segactors-backfill"))
 
     async def _load_histories(self, last: int) -> None:
-        """Users' profiles and events, in slices that yield; then ``ready``."""
+        """Event ids (then ingest is ``accepting``), users' profiles and events, in slices
+        that yield; then what was ingested meanwhile is applied, in order; then ``ready``."""
         con = self.store.read()
+        step = self.config.load_slice
         try:
-            self._load_profiles(con)
+            # What is stored now; anything later is ingested meanwhile, and deferred.
+            top_event = con.execute("SELECT max(rowid) FROM events").fetchone()[0] or 0
+            top_profile = con.execute("SELECT max(rowid) FROM profiles").fetchone()[0] or 0
+            for sid, system in self.systems.items():
+                for lo in range(0, top_event, 20 * step):
+                    system.event_ids.update(column(
+                        con, "FROM events WHERE rowid > ? AND rowid <= ? AND system=? AND "
+                             "event_id IS NOT NULL", "event_id",
+                        lo, min(top_event, lo + 20 * step), sid))
+                    await asyncio.sleep(0)
+            self.accepting.set()
+            for sid, uid, props in rows(con, PROFILES_IN_ORDER, top_profile):
+                self.systems[sid].load_profile(uid, msgspec.json.decode(props))
             await asyncio.sleep(0)
-            cur = con.execute(EVENTS_IN_ORDER)
-            while chunk := cur.fetchmany(self.config.load_slice):
+            cur = con.execute(EVENTS_IN_ORDER, (top_event,))
+            while chunk := cur.fetchmany(step):
                 load_events(self.systems, chunk)
                 await asyncio.sleep(0)
         finally:
@@ -136,6 +163,12 @@ class Server:
             for seg in system.segments.values():
                 if seg.status is Status.PENDING:
                     self._backfills.append((system, seg))
+        futs = []
+        while self._deferred:  # Ingested while loading: applied in arrival order.
+            system, items = self._deferred.popleft()
+            futs += self._apply(system, items, write=False)  # type: ignore[arg-type]
+            await asyncio.sleep(0)
+        await self._durable(futs)
         self._backfill_wake.set()
         # Everything loaded lives as long as the process: keep the collector off it.
         gc.collect()
@@ -187,13 +220,12 @@ class Server:
                 con, "SELECT system, id, idx, body FROM segments ORDER BY system, idx"
             ):
                 self._load_segment(self.systems[sid], seg_id, msgspec.json.decode(body))
-            members: dict[tuple[str, str], list[str]] = {}
-            for sid, seg_id, uid in rows(con, "SELECT system, segment, user_id FROM members"):
-                members.setdefault((sid, seg_id), []).append(uid)
-            for (sid, seg_id), uids in members.items():
-                seg = self.systems[sid].segments.get(seg_id)
-                if seg is not None:
-                    seg.members.update(uids)  # One sort, not one insert per member.
+            for sid, system in self.systems.items():
+                for seg in system.segments.values():
+                    # In user_id order (the key's), so the one sort costs O(n).
+                    seg.members.update(column(
+                        con, "FROM members WHERE system=? AND segment=?", "user_id",
+                        sid, seg.id))
             for sid, hid, body, last_seq in rows(con, "SELECT * FROM webhooks"):
                 b = msgspec.json.decode(body)
                 self._loaded_hooks.append(Webhook(hid, sid, b["url"], b["segments"],
@@ -209,12 +241,6 @@ class Server:
         for system in self.systems.values():
             system.seq = self.logs[system.id].last_seq
         return last
-
-    def _load_profiles(self, con: sqlite3.Connection) -> None:
-        for sid, uid, props in rows(
-            con, "SELECT system, user_id, props FROM profiles ORDER BY rowid"
-        ):
-            self.systems[sid].load_profile(uid, msgspec.json.decode(props))
 
     async def run_recovery(self) -> None:
         """Recover restored users in slices that yield, so the server serves meanwhile;
@@ -290,8 +316,10 @@ class Server:
         return ts, None
 
     async def ingest_events(self, system: System, items: list[EventIn]) -> tuple[int, int]:
-        """Validate all, dedupe, make durable, then apply. All-or-nothing."""
-        await self.wait_ready()
+        """Validate all, dedupe, apply and make durable. All-or-nothing. While histories
+        load after a restart, made durable at once and applied once they are loaded."""
+        if not self.accepting.is_set():
+            await self.accepting.wait()
         now = self.clock()
         top = min(MAX_TS, now + self.config.future_horizon_ms)
         stamped: list[int] = []
@@ -311,27 +339,57 @@ class Server:
                     continue
                 ids.add(eid)  # Reserved now, so a concurrent request sees it as a duplicate.
             fresh.append((e, ts))
+        if not self.ready.is_set():
+            if fresh:
+                rows_ = [_event_row(system.id, e, ts, _json.encode(e.props) if e.props else None)
+                         for e, ts in fresh]
+                try:
+                    await self._defer(system, fresh, [(INSERT_EVENT, rows_)])
+                except Exception:
+                    ids.difference_update(e.id for e, _ in fresh)  # Not stored: not seen.
+                    raise
+            return len(fresh), len(items) - len(fresh)
         # Events are applied, then committed together with the changes they cause, in
         # chunks whose commits queue in seq order; the 202 waits for every chunk.
         futs = []
-        now = self.clock()
-        sid_, apply, encode = system.id, system.apply_event, _json.encode
         step = self.config.ingest_slice
         for k in range(0, len(fresh), step):
-            out: list[Change] = []
-            chunk: list[tuple[Any, ...]] = []
-            for e, ts in fresh[k:k + step]:
-                props = e.props
-                raw = encode(props) if props else None
-                apply(e.user_id, e.name, ts, props, e.session_id, now, out, raw)
-                chunk.append((sid_, e.user_id, e.name, ts, e.id, e.session_id, raw))
-            futs.append(self._emit(system, out, [(INSERT_EVENT, chunk)]))
+            futs += self._apply(system, fresh[k:k + step], write=True)
             if k + step < len(fresh):
                 await asyncio.sleep(0)
         if not futs:
             futs.append(self._emit(system, [], []))
         await self._durable(futs)
         return len(fresh), len(items) - len(fresh)
+
+    async def _defer(self, system: System, items: list[tuple[EventIn, int]] | list[ProfileIn],
+                     ops: list[Op]) -> None:
+        """Store ``items`` now, and apply them once the histories are loaded."""
+        await self._durable([self.store.write(ops)])
+        if self.ready.is_set():  # Loaded meanwhile.
+            await self._durable(self._apply(system, items, write=False))
+        else:
+            self._deferred.append((system, items))
+
+    def _apply(self, system: System, items: list[tuple[EventIn, int]] | list[ProfileIn],
+               write: bool) -> list[asyncio.Future[None]]:
+        """Apply events ``(event, ts)`` or profile updates, and commit the changes they
+        cause (with the items, if ``write``) in one commit; commits queue in seq order."""
+        out: list[Change] = []
+        now = self.clock()
+        if items and isinstance(items[0], ProfileIn):
+            for p in items:
+                system.apply_profile(p.user_id, p.props, now, out)  # type: ignore[union-attr]
+            ops = [(INSERT_PROFILE, _profile_rows(system.id, items))] if write else []
+            return [self._emit(system, out, ops)]  # type: ignore[arg-type]
+        chunk: list[tuple[Any, ...]] = []
+        sid_, apply, encode = system.id, system.apply_event, _json.encode
+        for e, ts in items:  # type: ignore[misc]
+            props = e.props
+            raw = encode(props) if props else None
+            apply(e.user_id, e.name, ts, props, e.session_id, now, out, raw)
+            chunk.append(_event_row(sid_, e, ts, raw))
+        return [self._emit(system, out, [(INSERT_EVENT, chunk)] if write else [])]
 
     def _stamp(self, items: list[EventIn], now: int) -> list[int]:
         """Every event's ``ts`` in epoch ms, or the 422 naming each one refused."""
@@ -354,7 +412,9 @@ class Server:
                 raise r
 
     async def ingest_profiles(self, system: System, items: list[ProfileIn]) -> int:
-        await self.wait_ready()
+        """Validate all, apply and make durable (deferred like events while loading)."""
+        if not self.accepting.is_set():
+            await self.accepting.wait()
         details = []
         for i, p in enumerate(items):
             bad = [k for k in p.props if k in ("first_seen", "last_seen")]
@@ -362,12 +422,10 @@ class Server:
                 details.append({"index": i, "message": f"{bad[0]!r} is read-only"})
         if details:
             raise Invalid("invalid profile update(s); nothing was accepted", details)
-        out: list[Change] = []
-        now = self.clock()
-        for p in items:
-            system.apply_profile(p.user_id, p.props, now, out)
-        rows_ = [(system.id, p.user_id, _json.encode(p.props)) for p in items]
-        await self._durable([self._emit(system, out, [(INSERT_PROFILE, rows_)])])
+        if not self.ready.is_set():
+            await self._defer(system, items, [(INSERT_PROFILE, _profile_rows(system.id, items))])
+        else:
+            await self._durable(self._apply(system, items, write=True))
         return len(items)
 
     # Changes

@@ -141,3 +141,18 @@ def rows(con: sqlite3.Connection, sql: str, *args: Any) -> Iterator[tuple[Any, .
         if not chunk:
             return
         yield from chunk
+
+
+def column(con: sqlite3.Connection, where: str, name: str, *args: Any) -> list[str]:
+    """The text column ``name`` of the rows ``where`` selects (``"FROM ... WHERE ..."``),
+    in the order SQLite reads them: joined by SQLite and split once here (millions of rows
+    take seconds less than one Python row each), or row by row if a value holds the
+    separator."""
+    n, joined = con.execute(
+        f"SELECT count({name}), group_concat({name}, char(0)) {where}", args).fetchone()
+    if not n:
+        return []
+    got = joined.split("\0")
+    if len(got) == n:
+        return got
+    return [v for (v,) in con.execute(f"SELECT {name} {where}", args) if v is not None]

@@ -103,22 +103,21 @@ class DeadlineHeap:
 
 
 def load_events(systems: dict[str, System],
-                rows: Iterable[tuple[str, str, str, int, str | None, str | None, bytes | None]]
-                ) -> None:
-    """Restore stored events ``(system, user, name, ts, event id, session id, props)``
+                rows: Iterable[tuple[str, str, str, int, str | None, bytes | None]]) -> None:
+    """Restore stored events ``(system, user, name, ts, session id, props)``
     without evaluating anything (start-up; call ``System.loaded`` once all are in). One
     tight loop: this is most of a restart's time."""
     cur: str | None = None
     system: System | None = None
     users: dict[str, UserActor] = {}
-    share = ids_add = None
+    share = None
     count = 0
-    for sys_id, uid, name, ts, eid, sid, raw in rows:
+    for sys_id, uid, name, ts, sid, raw in rows:
         if sys_id != cur:
             if system is not None:
                 system.events += count
             cur, system, count = sys_id, systems[sys_id], 0
-            users, share, ids_add = system.users, system._share, system.event_ids.add
+            users, share = system.users, system._share
         count += 1
         u = users.get(uid)
         if u is None:
@@ -136,8 +135,6 @@ def load_events(systems: dict[str, System],
             u.sids.append(sid)  # type: ignore[union-attr]
         else:
             u.append(ts, name, raw, sid)
-        if eid is not None:
-            ids_add(eid)  # type: ignore[misc]
     if system is not None:
         system.events += count
 
