@@ -282,7 +282,9 @@ class ActorCtx:
             self._kept[pair_id] = got if got.ts else EMPTY
         return got.ts
 
-    def profile(self, now: int) -> Mapping[str, Any]:
+    def profile(self, now: int, seen: bool = True) -> Mapping[str, Any]:
+        if not seen:
+            return self.actor.props
         if self._profile is None or self._profile_at != now:
             seen = seen_props(self.actor.ts, now)
             self._profile = {**self.actor.props, **seen} if seen else self.actor.props

@@ -94,7 +94,9 @@ class Ctx(Protocol):
 
     def session_cache(self, key: object) -> tuple[SessionState | None, str | None]: ...
 
-    def profile(self, now: int) -> Mapping[str, Any]: ...
+    def profile(self, now: int, seen: bool = True) -> Mapping[str, Any]:
+        """The profile at ``now``; with ``first_seen``/``last_seen`` only if ``seen``."""
+        ...
 
     def agg_state(self, node: object) -> AggState | None: ...
 
@@ -485,7 +487,7 @@ class Profile(Node):
 
     def eval(self, ctx: Ctx, now: int) -> Result:
         nxt = ctx.next_event_after(now) if self.seen else NEVER
-        return self.pred(ctx.profile(now)), nxt
+        return self.pred(ctx.profile(now, self.seen)), nxt
 
 
 def profile_instant(v: object) -> float | None:
@@ -515,7 +517,7 @@ class ProfileTime(Node):
 
     def eval(self, ctx: Ctx, now: int) -> Result:
         nxt = ctx.next_event_after(now) if self.seen else NEVER
-        t = profile_instant(ctx.profile(now).get(self.prop))
+        t = profile_instant(ctx.profile(now, self.seen).get(self.prop))
         if t is None:
             return False, nxt
         holds = now + self.lo <= t < now + self.hi
@@ -622,8 +624,8 @@ class SessionCtx:
     def agg_state(self, node: object) -> AggState | None:
         return None  # One node reads many sessions' lists: computed directly.
 
-    def profile(self, now: int) -> Mapping[str, Any]:
-        return self.base.profile(now)
+    def profile(self, now: int, seen: bool = True) -> Mapping[str, Any]:
+        return self.base.profile(now, seen)
 
     def member(self, segment: str) -> bool:
         return self.base.member(segment)
