@@ -163,10 +163,13 @@ def test_ids_holding_a_nul_character_survive_a_restart(server_proc: ServerProc) 
             for i, u in enumerate(users)]), 202)
         settled(c)
         assert all_members(c, buyers) == sorted(users)
+        changes = all_changes(c)
+        assert {ch["user_id"] for ch in changes} == set(users)
     sp.kill()
     sp.start()
     with sp.http() as c:
         assert all_members(c, buyers) == sorted(users)
+        assert all_changes(c) == changes
         assert ok(c.post("/v1/systems/shop/events", json=[
             {"id": f"{u}\u0000{i}", "user_id": u, "name": "buy", "ts": now_ms()}
             for i, u in enumerate(users)] + [

@@ -20,11 +20,14 @@ class ChangeLog:
         self.last_seq = 0  # Highest seq assigned.
         self.published = 0  # Highest seq durable and pushed; readers see up to here.
 
-    def restore(self, change: Change) -> None:
+    def restore(self, changes: list[Change]) -> None:
+        """Append stored changes (in ``seq`` order, contiguous) at start-up."""
+        if not changes:
+            return
         if not self._items and not self._start:
-            self.dropped_upto = change.seq - 1
-        self._items.append(change)
-        self.last_seq = self.published = change.seq
+            self.dropped_upto = changes[0].seq - 1
+        self._items.extend(changes)
+        self.last_seq = self.published = changes[-1].seq
 
     def extend(self, changes: list[Change]) -> None:
         self._items.extend(changes)

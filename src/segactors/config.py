@@ -61,6 +61,7 @@ class Config:
             "SEGACTORS_MAX_SEGMENTS": "max_segments",
             "SEGACTORS_CHANGE_RETENTION_MS": "change_retention_ms",
             "SEGACTORS_EVENT_RETENTION_MS": "event_retention_ms",
+            "SEGACTORS_INGEST_SLICE": "ingest_slice",
         }
         for var, attr in env_ints.items():
             if var in os.environ:

@@ -11,6 +11,7 @@ import gc
 import hashlib
 import hmac
 import secrets
+import sqlite3
 from collections import deque
 from collections.abc import Callable
 from itertools import islice
@@ -25,7 +26,7 @@ from segactors.errors import Conflict, Invalid, NotFound
 from segactors.hub import Hub
 from segactors.webhooks import Deliverer, Webhook, check_url
 from segactors.rules.compile import AtomRegistry, compile_definition
-from segactors.store import Op, Store, column, rows
+from segactors.store import Op, Store, column, columns, rows
 from segactors.supervisor import Change, Segment, Status, System, load_events, new_key
 from segactors.timefmt import MAX_TS, MIN_TS, parse_ts
 from segactors.wire import EventIn, ProfileIn
@@ -57,6 +58,16 @@ def _event_row(sid: str, e: EventIn, ts: int, raw: bytes | None) -> tuple[Any, .
 
 def _profile_rows(sid: str, items: list[ProfileIn]) -> list[tuple[Any, ...]]:
     return [(sid, p.user_id, _json.encode(p.props)) for p in items]
+
+
+def stored_changes(con: sqlite3.Connection, sid: str) -> list[Change]:
+    """The change log of system ``sid`` as stored, in ``seq`` order (see ``columns``)."""
+    seqs, segs, uids, kinds, ats = columns(
+        con, "FROM (SELECT * FROM changes WHERE system=? ORDER BY seq)",
+        ["seq", "segment", "user_id", "change", "at"], sid)
+    intern_ = {}.setdefault  # One copy of each segment id and kind, not one per change.
+    return list(map(Change, map(int, seqs), [intern_(g, g) for g in segs], uids,
+                    [intern_(k, k) for k in kinds], map(int, ats)))
 
 
 def count_rules(rules: list[Any]) -> int:
@@ -231,11 +242,8 @@ class Server:
                 self._loaded_hooks.append(Webhook(hid, sid, b["url"], b["segments"],
                                                   b["signing_secret"], b["created_at"],
                                                   last_seq))
-            for sid, seq, seg_id, uid, change, at in rows(
-                con, "SELECT system, seq, segment, user_id, change, at FROM changes "
-                     "ORDER BY system, seq"
-            ):
-                self.logs[sid].restore(Change(seq, seg_id, uid, change, at))
+            for sid in self.systems:
+                self.logs[sid].restore(stored_changes(con, sid))
         finally:
             con.close()
         for system in self.systems.values():

@@ -37,8 +37,9 @@ class Status(str, enum.Enum):
     FAILED = "failed"
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
+class Change(msgspec.Struct, frozen=True, gc=False):
+    """One membership change (a C struct: millions are retained, and restored at start)."""
+
     seq: int
     segment: str
     user_id: str
