@@ -27,6 +27,7 @@ from starlette.testclient import TestClient
 from websockets.asyncio.client import connect
 
 from conftest import BASE_MS, FakeClock, make_client, ok, wait_until
+from segactors.store import INSERT_CHANGE
 from segactors.timefmt import format_ts
 from serverproc import ServerProc, server_proc  # noqa: F401 - fixture
 
@@ -210,7 +211,7 @@ def slow_change_writes(client: TestClient) -> Iterator[None]:
 
     def write(ops: Any) -> asyncio.Future[None]:
         fut = real(ops)
-        if not any("INTO changes" in sql for sql, _ in ops):
+        if not any(sql == INSERT_CHANGE for sql, _ in ops):
             return fut
         loop = asyncio.get_running_loop()
         late: asyncio.Future[None] = loop.create_future()

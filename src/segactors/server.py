@@ -26,26 +26,16 @@ from segactors.errors import Conflict, Invalid, NotFound
 from segactors.hub import Hub
 from segactors.webhooks import Deliverer, Webhook, check_url
 from segactors.rules.compile import AtomRegistry, compile_definition
-from segactors.store import Op, Store, column, columns, rows
+from segactors.store import (CLOCK, ENTER, INSERT_CHANGE, INSERT_EVENT, INSERT_PROFILE, LEAVE, Op,
+                              Store, column, columns, rows)
 from segactors.supervisor import Change, Segment, Status, System, load_events, new_key
 from segactors.timefmt import MAX_TS, MIN_TS, parse_ts
 from segactors.wire import EventIn, ProfileIn
 
 _json = msgspec.json.Encoder()
 
-INSERT_EVENT = (
-    "INSERT INTO events (system, user_id, name, ts, event_id, session_id, props) "
-    "VALUES (?,?,?,?,?,?,?)"
-)
-INSERT_PROFILE = "INSERT INTO profiles (system, user_id, props) VALUES (?,?,?)"
-INSERT_CHANGE = (
-    "INSERT INTO changes (system, seq, segment, user_id, change, at) VALUES (?,?,?,?,?,?)"
-)
-ENTER = "INSERT OR IGNORE INTO members (system, segment, user_id) VALUES (?,?,?)"
-LEAVE = "DELETE FROM members WHERE system=? AND segment=? AND user_id=?"
 SAVE_WEBHOOK = "INSERT OR REPLACE INTO webhooks (system, id, body, last_seq) VALUES (?,?,?,?)"
 SAVE_SEGMENT = "INSERT OR REPLACE INTO segments (system, id, idx, body) VALUES (?,?,?,?)"
-CLOCK = "INSERT OR REPLACE INTO meta (key, value) VALUES ('clock', ?)"
 # What was stored before a restart (rowid at most ?): ingest goes on meanwhile.
 EVENTS_IN_ORDER = ("SELECT system, user_id, name, ts, session_id, props "
                    "FROM events WHERE rowid <= ? ORDER BY rowid")
