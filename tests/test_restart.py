@@ -241,6 +241,35 @@ def test_sigterm_shutdown_keeps_the_data(server_proc: ServerProc) -> None:
         assert all_members(c, ny) == ["u1"]
 
 
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] in "ZX"  # Exited (a zombie until reaped).
+    except FileNotFoundError:
+        return True
+
+
+def test_the_writer_process_ends_with_the_server_even_on_kill_9(tmp_path: Path) -> None:
+    """Writes go through a writer process: it must not outlive a killed server (it would
+    hold the database and a process slot), nor one that stops normally."""
+    for stop in ("kill", "stop"):
+        sp = ServerProc(tmp_path / stop)
+        try:
+            sp.start()
+            assert sp.proc is not None
+            (writer,) = _children(sp.proc.pid)
+            assert not _gone(writer)
+            getattr(sp, stop)()
+            assert wait_until(lambda: _gone(writer), timeout=10)
+        finally:
+            sp.kill()
+
+
 def test_sigterm_exits_with_code_0(tmp_path: Path) -> None:
     sp = ServerProc(tmp_path / "data")
     try:

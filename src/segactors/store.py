@@ -1,19 +1,20 @@
 """SQLite persistence: append-only events and profiles, systems, segments, changes, members.
 
-One long-lived connection in WAL mode, used by one writer thread. Writes are queued and
-committed together (group commit): the writer task hands each group to the thread as one
-call (one transaction, so the loop is not needed between statements), and every caller's
-future resolves once its rows are durable, in submission order, so callbacks run in
-``seq`` order. Reads happen only at start-up.
+One long-lived connection in WAL mode, in a writer process. Writes are queued and
+committed together (group commit): the writer task sends each group to the process as one
+message (one transaction), and every caller's future resolves once its rows are durable,
+in submission order, so callbacks run in ``seq`` order. Reads happen only at start-up,
+on connections of their own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import signal
+import socket
 import sqlite3
-from collections.abc import Callable
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -147,14 +148,94 @@ CREATE TABLE IF NOT EXISTS members (
 """
 
 
+def _open(path: str, synchronous: str) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA synchronous={synchronous}")
+    db.executescript(SCHEMA)
+    return db
+
+
+def _commit(db: sqlite3.Connection, ops: list[Op]) -> None:
+    """One transaction for a group of writes (in the writer process)."""
+    db.execute("BEGIN")
+    try:
+        bulk = _Bulk()
+        for sql, rows_ in ops:
+            if sql[0] == "+":
+                bulk.add(sql, rows_)
+            else:  # Any other write keeps its place after the hot ones before it.
+                bulk.write(db)
+                db.executemany(sql, rows_)
+        bulk.write(db)
+        db.execute("COMMIT")
+    except BaseException:
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        raise
+
+
+_pack = msgspec.msgpack.Encoder().encode
+_unpack_ops = msgspec.msgpack.Decoder(list[tuple[str, list[tuple[Any, ...]]]]).decode
+
+
+def _frame(payload: bytes) -> bytes:
+    return len(payload).to_bytes(4, "big") + payload
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        got = sock.recv(n - len(buf))
+        if not got:
+            return None
+        buf += got
+    return bytes(buf)
+
+
+def _serve_writes(sock: socket.socket, server_end: socket.socket, path: str,
+                  synchronous: str) -> None:
+    """The writer process: open the database, then commit each group of ops it receives
+    (a frame of msgpack) and answer with a frame: nil once durable, or the error. It
+    exits when the server's end closes (a stop, or the server killed)."""
+    server_end.close()  # Forked with both ends: only the server's may keep this one open.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)  # The server decides when to stop: on close.
+    try:
+        db = _open(path, synchronous)
+    except Exception as e:
+        sock.sendall(_frame(_pack(f"could not open {path}: {e}")))
+        return
+    sock.sendall(_frame(_pack(None)))
+    while (head := _recv_exactly(sock, 4)) is not None:
+        body = _recv_exactly(sock, int.from_bytes(head, "big"))
+        if body is None:
+            break
+        try:
+            _commit(db, _unpack_ops(body))
+            answer = None
+        except Exception as e:  # Reported to the server: nothing of the group is durable.
+            answer = f"{type(e).__name__}: {e}"
+        sock.sendall(_frame(_pack(answer)))
+    db.close()
+
+
 class Store:
-    """Durable state under ``data_dir/segactors.db``."""
+    """Durable state under ``data_dir/segactors.db``.
+
+    Writes happen in a writer process of their own: the event loop's thread hands it each
+    group commit as one message, and the writer never competes with it for the GIL (a
+    writer thread did: it takes the GIL for every statement, and each time waited for the
+    busy loop to let go of it, which made commits, and pushes, tens of ms late)."""
 
     def __init__(self, data_dir: Path, synchronous: str = "FULL") -> None:
         self.path = Path(data_dir) / "segactors.db"
         self.synchronous = synchronous
-        self._db: sqlite3.Connection | None = None
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="segactors-sqlite")
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._conn: asyncio.StreamWriter | None = None
         self._queue: list[tuple[list[Op], asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
@@ -162,7 +243,17 @@ class Store:
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        await self._call(self._open)
+        ours, theirs = socket.socketpair()
+        # Forked, not spawned: the writer needs nothing but this module, and starts in ms.
+        self._proc = multiprocessing.get_context("fork").Process(
+            target=_serve_writes, args=(theirs, ours, str(self.path), self.synchronous),
+            name="segactors-writer", daemon=True)
+        self._proc.start()
+        theirs.close()
+        self._reader, self._conn = await asyncio.open_unix_connection(sock=ours)
+        err = await self._answer()
+        if err is not None:
+            raise Unavailable(err)
         self._writer = asyncio.create_task(self._write_loop(), name="segactors-store-writer")
 
     def read(self) -> sqlite3.Connection:
@@ -180,39 +271,14 @@ class Store:
         self._wake.set()
         return fut
 
-    def _open(self) -> None:
-        db = self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute(f"PRAGMA synchronous={self.synchronous}")
-        db.executescript(SCHEMA)
-
-    def _commit(self, batch: list[list[Op]]) -> None:
-        """One transaction for a group of writes (in the writer thread)."""
-        db = self._db
-        assert db is not None
-        db.execute("BEGIN")
-        try:
-            bulk = _Bulk()
-            for ops in batch:
-                for sql, rows_ in ops:
-                    if sql[0] == "+":
-                        bulk.add(sql, rows_)
-                    else:  # Any other write keeps its place after the hot ones before it.
-                        bulk.write(db)
-                        db.executemany(sql, rows_)
-            bulk.write(db)
-            db.execute("COMMIT")
-        except BaseException:
-            try:
-                db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            raise
-
-    async def _call(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+    async def _answer(self) -> str | None:
+        assert self._reader is not None
+        head = await self._reader.readexactly(4)
+        got = msgspec.msgpack.decode(await self._reader.readexactly(int.from_bytes(head, "big")))
+        return got if got is None else str(got)
 
     async def _write_loop(self) -> None:
+        assert self._conn is not None
         while True:
             if not self._queue:
                 if self._closing:
@@ -222,11 +288,17 @@ class Store:
                 continue
             batch, self._queue = self._queue, []
             try:
-                await self._call(self._commit, [ops for ops, _ in batch])
-            except Exception as e:  # Nothing of this batch is acknowledged.
+                self._conn.write(_frame(_pack([op for ops, _ in batch for op in ops])))
+                await self._conn.drain()
+                err = await self._answer()
+                if err is not None:
+                    raise sqlite3.Error(err)
+            except (Exception, asyncio.IncompleteReadError) as e:
+                # Nothing of this batch is acknowledged.
+                why = e if not isinstance(e, asyncio.IncompleteReadError) else "writer gone"
                 for _, fut in batch:
                     if not fut.done():
-                        fut.set_exception(Unavailable(f"could not make data durable: {e}"))
+                        fut.set_exception(Unavailable(f"could not make data durable: {why}"))
                 continue
             for _, fut in batch:
                 if not fut.done():
@@ -238,10 +310,12 @@ class Store:
         self._wake.set()
         if self._writer is not None:
             await self._writer
-        if self._db is not None:
-            await self._call(self._db.close)
-            self._db = None
-        self._thread.shutdown(wait=True)
+        if self._conn is not None:
+            self._conn.close()  # The writer sees the end, and exits.
+            self._conn = None
+        if self._proc is not None:
+            await asyncio.to_thread(self._proc.join, 10)
+            self._proc = None
 
 
 def rows(con: sqlite3.Connection, sql: str, *args: Any) -> Iterator[tuple[Any, ...]]:
