@@ -97,6 +97,7 @@ class Server:
         # Set once the stored event ids are loaded (so duplicates are known): from then
         # on, ingest is acknowledged, and what arrives before ``ready`` is applied then.
         self.accepting = asyncio.Event()
+        self._batches = asyncio.Lock()
         self._deferred: deque[tuple[System, list[tuple[EventIn, int]] | list[ProfileIn]]] = deque()
         self.recovered = asyncio.Event()  # Set once every restored user is up to date.
         self._prune_queue: deque[tuple[System, list[str], int]] | None = None
@@ -351,10 +352,17 @@ class Server:
         # chunks whose commits queue in seq order; the 202 waits for every chunk.
         futs = []
         step = self.config.ingest_slice
-        for k in range(0, len(fresh), step):
-            futs += self._apply(system, fresh[k:k + step], write=True)
-            if k + step < len(fresh):
-                await asyncio.sleep(0)
+        if len(fresh) <= step:
+            futs += self._apply(system, fresh, write=True)
+        else:
+            # One batch at a time goes slice by slice, so between two slices the loop runs
+            # one slice of work, not one of every batch in flight: what waits behind (a
+            # small request, a commit, a push) waits a slice, not many.
+            async with self._batches:
+                for k in range(0, len(fresh), step):
+                    futs += self._apply(system, fresh[k:k + step], write=True)
+                    if k + step < len(fresh):
+                        await asyncio.sleep(0)
         if not futs:
             futs.append(self._emit(system, [], []))
         await self._durable(futs)
