@@ -186,9 +186,13 @@ def _frame(payload: bytes) -> bytes:
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
+    """``n`` bytes, or None once the server's end is closed (or reset: it was killed)."""
     buf = bytearray()
     while len(buf) < n:
-        got = sock.recv(n - len(buf))
+        try:
+            got = sock.recv(n - len(buf))
+        except ConnectionResetError:
+            return None
         if not got:
             return None
         buf += got
@@ -218,7 +222,10 @@ def _serve_writes(sock: socket.socket, server_end: socket.socket, path: str,
             answer = None
         except Exception as e:  # Reported to the server: nothing of the group is durable.
             answer = f"{type(e).__name__}: {e}"
-        sock.sendall(_frame(_pack(answer)))
+        try:
+            sock.sendall(_frame(_pack(answer)))
+        except OSError:  # The server is gone: what was committed stays.
+            break
     db.close()
 
 
