@@ -144,11 +144,12 @@ class Server:
             top_event = con.execute("SELECT max(rowid) FROM events").fetchone()[0] or 0
             top_profile = con.execute("SELECT max(rowid) FROM profiles").fetchone()[0] or 0
             for sid, system in self.systems.items():
-                for lo in range(0, top_event, 20 * step):
+                # A slice like the events' (tens of ms): reads are served in between.
+                for lo in range(0, top_event, step):
                     system.event_ids.update(column(
                         con, "FROM events WHERE rowid > ? AND rowid <= ? AND system=? AND "
                              "event_id IS NOT NULL", "event_id",
-                        lo, min(top_event, lo + 20 * step), sid))
+                        lo, min(top_event, lo + step), sid))
                     await asyncio.sleep(0)
             self.accepting.set()
             for sid, uid, props in rows(con, PROFILES_IN_ORDER, top_profile):
