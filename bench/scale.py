@@ -57,7 +57,7 @@ def settle_rss(srv: ServerProc, seconds: float = 2.0) -> int:
 
 
 def run(users: int, events: int, parts: list[str], seed: int = 1,
-        restart_timeout: float = 1800) -> dict[str, Any]:
+        restart_timeout: float = 1800, keep: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     w = Workload(users, events, 90, seed)
     print(f"scale: generated {len(w.rows)} events for {users} users in "
@@ -95,7 +95,10 @@ def run(users: int, events: int, parts: list[str], seed: int = 1,
                 srv = res["restart"].pop("_srv")
     finally:
         srv.stop()
-        srv.remove_data_dir()
+        if keep:
+            print(f"scale: data kept in {srv.data_dir}", file=sys.stderr)
+        else:
+            srv.remove_data_dir()
     return res
 
 
@@ -188,11 +191,13 @@ def main(parts: list[str] | None = None, name: str = "scale") -> None:
     p.add_argument("--only", nargs="+", choices=PARTS, default=parts or PARTS)
     p.add_argument("--quick", action="store_true",
                    help=f"{QUICK['users']} users, {QUICK['events']} events")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the server's data dir (its path is printed) to study it")
     a = p.parse_args()
     stop_on_sigterm()
     if a.quick:
         a.users, a.events = QUICK["users"], QUICK["events"]
-    res = run(a.users, a.events, a.only, a.seed)
+    res = run(a.users, a.events, a.only, a.seed, keep=a.keep)
     print_rows(report(res))
     print(f"written {save(name, res)}")
 

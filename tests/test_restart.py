@@ -334,3 +334,45 @@ async def test_after_a_restart_writes_are_acknowledged_while_histories_load_and_
         assert len(again.systems["shop"].users["a"].ts) == 3
     finally:
         await again.stop()
+
+
+async def test_stored_event_ids_are_known_after_a_restart_also_from_a_database_without_their_table(
+        tmp_path: Path) -> None:
+    """Ids are read back from a table of their own, per system; a database written before
+    that table existed gets it filled from its events when first opened."""
+    import sqlite3
+
+    from conftest import FakeClock
+    from segactors.config import Config
+    from segactors.server import Server
+    from segactors.wire import EventIn
+
+    clock = FakeClock()
+    cfg = dict(data_dir=tmp_path, root_token="t", clock=clock)
+
+    async def restart_and_post() -> dict[str, tuple[int, int]]:
+        srv = Server(Config(**cfg))  # type: ignore[arg-type]
+        await srv.start(background=False)
+        try:
+            return {sid: await srv.ingest_events(srv.systems[sid], [
+                EventIn("u", "buy", clock.now, id=eid) for eid in ("a", "b", "c", "d")])
+                for sid in ("shop", "blog")}
+        finally:
+            await srv.stop()
+
+    first = Server(Config(**cfg))  # type: ignore[arg-type]
+    await first.start(background=False)
+    for sid, ids in (("shop", "ab"), ("blog", "c")):
+        system = await first.create_system(sid)
+        await first.ingest_events(system, [EventIn("u", "buy", clock.now, id=i) for i in ids]
+                                  + [EventIn("u", "view", clock.now)])
+    await first.stop()
+    with sqlite3.connect(tmp_path / "segactors.db") as db:
+        assert sorted(db.execute("SELECT system, id FROM event_ids")) == [
+            ("blog", "c"), ("shop", "a"), ("shop", "b")]
+        db.execute("DROP TABLE event_ids")
+        db.execute("DELETE FROM meta WHERE key='event_ids'")
+    # Each system's earlier ids are duplicates there and only there.
+    assert await restart_and_post() == {"shop": (2, 2), "blog": (3, 1)}
+    # What the last run accepted is known too.
+    assert await restart_and_post() == {"shop": (0, 4), "blog": (0, 4)}

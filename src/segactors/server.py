@@ -143,14 +143,17 @@ class Server:
             # What is stored now; anything later is ingested meanwhile, and deferred.
             top_event = con.execute("SELECT max(rowid) FROM events").fetchone()[0] or 0
             top_profile = con.execute("SELECT max(rowid) FROM profiles").fetchone()[0] or 0
-            for sid, system in self.systems.items():
-                # A slice like the events' (tens of ms): reads are served in between.
-                for lo in range(0, top_event, step):
-                    system.event_ids.update(column(
-                        con, "FROM events WHERE rowid > ? AND rowid <= ? AND system=? AND "
-                             "event_id IS NOT NULL", "event_id",
-                        lo, min(top_event, lo + step), sid))
-                    await asyncio.sleep(0)
+            top_id = con.execute("SELECT max(rowid) FROM event_ids").fetchone()[0] or 0
+            # A slice like the events' (tens of ms): reads are served in between.
+            for lo in range(0, top_id, step):
+                sids, ids = columns(con, "FROM event_ids WHERE rowid > ? AND rowid <= ?",
+                                    ["system", "id"], lo, min(top_id, lo + step))
+                if len(self.systems) == 1 and sids:
+                    self.systems[sids[0]].event_ids.update(ids)
+                else:
+                    for sid, eid in zip(sids, ids):
+                        self.systems[sid].event_ids.add(eid)
+                await asyncio.sleep(0)
             self.accepting.set()
             for sid, uid, props in rows(con, PROFILES_IN_ORDER, top_profile):
                 self.systems[sid].load_profile(uid, msgspec.json.decode(props))

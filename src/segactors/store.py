@@ -35,6 +35,7 @@ def _j(*cols: str) -> str:
 # each row holding it and steps releasing it, so a busy event loop made a 700-row commit
 # wait milliseconds a row).
 INSERT_EVENT = "+events"  # (system, user_id, name, ts, event_id, session_id, props bytes)
+EVENT_IDS = "+event_ids"  # Written with INSERT_EVENT, from its rows.
 INSERT_PROFILE = "+profiles"  # (system, user_id, props bytes)
 INSERT_CHANGE = "+changes"  # (system, seq, segment, user_id, change, at)
 ENTER = "+enter"  # (system, segment, user_id): the last of ENTER/LEAVE wins
@@ -46,6 +47,11 @@ _BULK_SQL = {
     INSERT_EVENT: "INSERT INTO events (system, user_id, name, ts, event_id, session_id, props) "
                   f"SELECT {_j('{}', '{}', '{}', '{}', '{}', '{}', 'CAST({} AS BLOB)')} "
                   f"FROM {_JSON_ROWS}",
+    # The same rows' ids, in a table of their own: read whole at start (for duplicates)
+    # without reading the events.
+    EVENT_IDS: "INSERT INTO event_ids (system, id) SELECT json_extract(value, '$[0]'), "
+               "json_extract(value, '$[4]') FROM json_each(?) "
+               "WHERE json_type(value, '$[4]') = 'text' ORDER BY key",
     INSERT_PROFILE: "INSERT INTO profiles (system, user_id, props) "
                     f"SELECT {_j('{}', '{}', 'CAST({} AS BLOB)')} FROM {_JSON_ROWS}",
     INSERT_CHANGE: "INSERT INTO changes (system, seq, segment, user_id, change, at) "
@@ -67,6 +73,7 @@ def _text_last(row: tuple[Any, ...]) -> tuple[Any, ...]:
 _ROW_SQL = {
     INSERT_EVENT: "INSERT INTO events (system, user_id, name, ts, event_id, session_id, props) "
                   "VALUES (?,?,?,?,?,?,?)",
+    EVENT_IDS: "INSERT INTO event_ids (system, id) VALUES (?,?)",
     INSERT_PROFILE: "INSERT INTO profiles (system, user_id, props) VALUES (?,?,?)",
     INSERT_CHANGE: "INSERT INTO changes (system, seq, segment, user_id, change, at) "
                    "VALUES (?,?,?,?,?,?)",
@@ -82,8 +89,12 @@ def _write(db: sqlite3.Connection, op: str, text_rows: list[tuple[Any, ...]],
     payload = _encode(text_rows)
     if b"\\u0000" in payload:
         db.executemany(_ROW_SQL[op], rows_)
+        if op == INSERT_EVENT:
+            db.executemany(_ROW_SQL[EVENT_IDS], [(r[0], r[4]) for r in rows_ if r[4] is not None])
     else:
         db.execute(_BULK_SQL[op], (payload,))
+        if op == INSERT_EVENT:
+            db.execute(_BULK_SQL[EVENT_IDS], (payload,))
 
 
 class _Bulk:
@@ -135,6 +146,7 @@ CREATE TABLE IF NOT EXISTS segments (
 CREATE TABLE IF NOT EXISTS events (
     system TEXT NOT NULL, user_id TEXT NOT NULL, name TEXT NOT NULL, ts INTEGER NOT NULL,
     event_id TEXT, session_id TEXT, props BLOB);
+CREATE TABLE IF NOT EXISTS event_ids (system TEXT NOT NULL, id TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS profiles (system TEXT NOT NULL, user_id TEXT NOT NULL, props BLOB);
 CREATE TABLE IF NOT EXISTS changes (
     system TEXT NOT NULL, seq INTEGER NOT NULL, segment TEXT NOT NULL, user_id TEXT NOT NULL,
@@ -153,6 +165,13 @@ def _open(path: str, synchronous: str) -> sqlite3.Connection:
     db.execute("PRAGMA journal_mode=WAL")
     db.execute(f"PRAGMA synchronous={synchronous}")
     db.executescript(SCHEMA)
+    if db.execute("SELECT 1 FROM meta WHERE key='event_ids'").fetchone() is None:
+        # A database from before the table: filled once from the events.
+        db.execute("BEGIN")
+        db.execute("INSERT INTO event_ids (system, id) SELECT system, event_id FROM events "
+                   "WHERE event_id IS NOT NULL ORDER BY rowid")
+        db.execute("INSERT INTO meta (key, value) VALUES ('event_ids', '1')")
+        db.execute("COMMIT")
     return db
 
 
