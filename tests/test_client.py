@@ -91,9 +91,9 @@ def test_stream_delivers_changes_as_typed_objects(server_proc: ServerProc) -> No
             await sa.create_system("shop")
             seg = (await sa.create_segment("shop", NY))["id"]
             await sa.wait_active("shop", seg)
-            it = sa.stream("shop", segments=[seg]).__aiter__()
+            # From seq 0, so a change made before the subscription lands is not missed.
+            it = sa.stream("shop", segments=[seg], since=0).__aiter__()
             first = asyncio.ensure_future(it.__anext__())
-            await asyncio.sleep(0.3)  # Let it subscribe (no since: live only).
             await sa.ingest_profiles("shop", {"user_id": "u1", "props": {"city": "NY"}})
             c = await asyncio.wait_for(first, 10)
             assert isinstance(c, Change)

@@ -376,3 +376,35 @@ async def test_stored_event_ids_are_known_after_a_restart_also_from_a_database_w
     assert await restart_and_post() == {"shop": (2, 2), "blog": (3, 1)}
     # What the last run accepted is known too.
     assert await restart_and_post() == {"shop": (0, 4), "blog": (0, 4)}
+
+
+async def test_the_writer_process_checkpoints_the_wal_between_commits(tmp_path: Path) -> None:
+    """A thread of the writer process copies the WAL into the database file, so no commit
+    stops to do it (SQLite's own checkpoint waits for 1000 pages, about 4 MB): a megabyte
+    of events reaches the database file soon after it is committed."""
+    import asyncio
+
+    from conftest import FakeClock
+    from segactors.config import Config
+    from segactors.server import Server
+    from segactors.wire import EventIn
+
+    clock = FakeClock()
+    srv = Server(Config(data_dir=tmp_path, root_token="t", clock=clock,  # type: ignore[arg-type]
+                        checkpoint_interval=0.05))
+    await srv.start(background=False)
+    try:
+        system = await srv.create_system("shop")
+        db = tmp_path / "segactors.db"
+        before = db.stat().st_size
+        for k in range(10):
+            await srv.ingest_events(system, [
+                EventIn(f"u{i}", "view", clock.now, props={"text": "x" * 1000})
+                for i in range(k * 100, k * 100 + 100)])
+        for _ in range(100):
+            if db.stat().st_size > before + 1_000_000:
+                break
+            await asyncio.sleep(0.05)
+        assert db.stat().st_size > before + 1_000_000
+    finally:
+        await srv.stop()

@@ -14,6 +14,7 @@ import secrets
 import sqlite3
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from itertools import islice
 from typing import Any
 
@@ -84,7 +85,7 @@ class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.clock: Callable[[], int] = config.clock
-        self.store = Store(config.data_dir, config.synchronous)
+        self.store = Store(config.data_dir, config.synchronous, config.checkpoint_interval)
         self.systems: dict[str, System] = {}
         self.logs: dict[str, ChangeLog] = {}
         self.by_write_key: dict[str, str] = {}
@@ -98,7 +99,8 @@ class Server:
         # on, ingest is acknowledged, and what arrives before ``ready`` is applied then.
         self.accepting = asyncio.Event()
         self._batches = asyncio.Lock()
-        self._deferred: deque[tuple[System, list[tuple[EventIn, int]] | list[ProfileIn]]] = deque()
+        # What was ingested while the histories load: applied, in order, once they are.
+        self._deferred: deque[Callable[[], asyncio.Future[None]]] = deque()
         self.recovered = asyncio.Event()  # Set once every restored user is up to date.
         self._prune_queue: deque[tuple[System, list[str], int]] | None = None
         self._last_prune = config.clock()
@@ -171,8 +173,7 @@ class Server:
                     self._backfills.append((system, seg))
         futs = []
         while self._deferred:  # Ingested while loading: applied in arrival order.
-            system, items = self._deferred.popleft()
-            futs += self._apply(system, items, write=False)  # type: ignore[arg-type]
+            futs.append(self._deferred.popleft()())
             await asyncio.sleep(0)
         await self._durable(futs)
         self._backfill_wake.set()
@@ -344,10 +345,11 @@ class Server:
             fresh.append((e, ts))
         if not self.ready.is_set():
             if fresh:
-                rows_ = [_event_row(system.id, e, ts, _json.encode(e.props) if e.props else None)
-                         for e, ts in fresh]
+                raws = [_json.encode(e.props) if e.props else None for e, _ in fresh]
+                rows_ = [_event_row(system.id, e, ts, raw) for (e, ts), raw in zip(fresh, raws)]
                 try:
-                    await self._defer(system, fresh, [(INSERT_EVENT, rows_)])
+                    await self._defer(partial(self._apply_events, system, fresh, False, raws),
+                                      [(INSERT_EVENT, rows_)])
                 except Exception:
                     ids.difference_update(e.id for e, _ in fresh)  # Not stored: not seen.
                     raise
@@ -357,14 +359,14 @@ class Server:
         futs = []
         step = self.config.ingest_slice
         if len(fresh) <= step:
-            futs += self._apply(system, fresh, write=True)
+            futs.append(self._apply_events(system, fresh, True))
         else:
             # One batch at a time goes slice by slice, so between two slices the loop runs
             # one slice of work, not one of every batch in flight: what waits behind (a
             # small request, a commit, a push) waits a slice, not many.
             async with self._batches:
                 for k in range(0, len(fresh), step):
-                    futs += self._apply(system, fresh[k:k + step], write=True)
+                    futs.append(self._apply_events(system, fresh[k:k + step], True))
                     if k + step < len(fresh):
                         await asyncio.sleep(0)
         if not futs:
@@ -372,34 +374,40 @@ class Server:
         await self._durable(futs)
         return len(fresh), len(items) - len(fresh)
 
-    async def _defer(self, system: System, items: list[tuple[EventIn, int]] | list[ProfileIn],
-                     ops: list[Op]) -> None:
-        """Store ``items`` now, and apply them once the histories are loaded."""
+    async def _defer(self, apply: Callable[[], asyncio.Future[None]], ops: list[Op]) -> None:
+        """Store ``ops`` now, and ``apply`` what they hold once the histories are loaded."""
         await self._durable([self.store.write(ops)])
         if self.ready.is_set():  # Loaded meanwhile.
-            await self._durable(self._apply(system, items, write=False))
+            await self._durable([apply()])
         else:
-            self._deferred.append((system, items))
+            self._deferred.append(apply)
 
-    def _apply(self, system: System, items: list[tuple[EventIn, int]] | list[ProfileIn],
-               write: bool) -> list[asyncio.Future[None]]:
-        """Apply events ``(event, ts)`` or profile updates, and commit the changes they
-        cause (with the items, if ``write``) in one commit; commits queue in seq order."""
+    def _apply_events(self, system: System, items: list[tuple[EventIn, int]], write: bool,
+                      raws: list[bytes | None] | None = None) -> asyncio.Future[None]:
+        """Apply events ``(event, ts)`` (``raws``: their props encoded, if they are already)
+        and commit the changes they cause (with the events, if ``write``) in one commit;
+        commits queue in seq order."""
         out: list[Change] = []
         now = self.clock()
-        if items and isinstance(items[0], ProfileIn):
-            for p in items:
-                system.apply_profile(p.user_id, p.props, now, out)  # type: ignore[union-attr]
-            ops = [(INSERT_PROFILE, _profile_rows(system.id, items))] if write else []
-            return [self._emit(system, out, ops)]  # type: ignore[arg-type]
         chunk: list[tuple[Any, ...]] = []
         sid_, apply, encode = system.id, system.apply_event, _json.encode
-        for e, ts in items:  # type: ignore[misc]
+        for k, (e, ts) in enumerate(items):
             props = e.props
-            raw = encode(props) if props else None
+            raw = raws[k] if raws is not None else encode(props) if props else None
             apply(e.user_id, e.name, ts, props, e.session_id, now, out, raw)
-            chunk.append(_event_row(sid_, e, ts, raw))
-        return [self._emit(system, out, [(INSERT_EVENT, chunk)] if write else [])]
+            if write:
+                chunk.append(_event_row(sid_, e, ts, raw))
+        return self._emit(system, out, [(INSERT_EVENT, chunk)] if write else [])
+
+    def _apply_profiles(self, system: System, items: list[ProfileIn],
+                        write: bool) -> asyncio.Future[None]:
+        """Apply profile updates, and commit as ``_apply_events`` does."""
+        out: list[Change] = []
+        now = self.clock()
+        for p in items:
+            system.apply_profile(p.user_id, p.props, now, out)
+        return self._emit(system, out,
+                          [(INSERT_PROFILE, _profile_rows(system.id, items))] if write else [])
 
     def _stamp(self, items: list[EventIn], now: int) -> list[int]:
         """Every event's ``ts`` in epoch ms, or the 422 naming each one refused."""
@@ -433,9 +441,10 @@ class Server:
         if details:
             raise Invalid("invalid profile update(s); nothing was accepted", details)
         if not self.ready.is_set():
-            await self._defer(system, items, [(INSERT_PROFILE, _profile_rows(system.id, items))])
+            await self._defer(partial(self._apply_profiles, system, items, False),
+                              [(INSERT_PROFILE, _profile_rows(system.id, items))])
         else:
-            await self._durable(self._apply(system, items, write=True))
+            await self._durable([self._apply_profiles(system, items, True)])
         return len(items)
 
     # Changes

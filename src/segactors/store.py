@@ -14,6 +14,7 @@ import multiprocessing
 import signal
 import socket
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,42 +26,52 @@ from segactors.errors import Unavailable
 Op = tuple[str, list[tuple[Any, ...]]]
 
 
-def _j(*cols: str) -> str:
-    return ", ".join(cols[k].format(f"json_extract(value, '$[{k}]')") for k in range(len(cols)))
-
-
 # The hot writes. Each is an op name, not SQL: a group commit gathers the rows of each
 # (in order) and writes them as one statement over a JSON array (json_each). The writer
 # thread then takes the GIL a few times a commit instead of twice a row (executemany binds
 # each row holding it and steps releasing it, so a busy event loop made a 700-row commit
 # wait milliseconds a row).
 INSERT_EVENT = "+events"  # (system, user_id, name, ts, event_id, session_id, props bytes)
-EVENT_IDS = "+event_ids"  # Written with INSERT_EVENT, from its rows.
 INSERT_PROFILE = "+profiles"  # (system, user_id, props bytes)
 INSERT_CHANGE = "+changes"  # (system, seq, segment, user_id, change, at)
 ENTER = "+enter"  # (system, segment, user_id): the last of ENTER/LEAVE wins
 LEAVE = "+leave"
 CLOCK = "+clock"  # (instant as text,): the last wins
 
-_JSON_ROWS = "(SELECT value FROM json_each(?) ORDER BY key)"
-_BULK_SQL = {
-    INSERT_EVENT: "INSERT INTO events (system, user_id, name, ts, event_id, session_id, props) "
-                  f"SELECT {_j('{}', '{}', '{}', '{}', '{}', '{}', 'CAST({} AS BLOB)')} "
-                  f"FROM {_JSON_ROWS}",
-    # The same rows' ids, in a table of their own: read whole at start (for duplicates)
-    # without reading the events.
-    EVENT_IDS: "INSERT INTO event_ids (system, id) SELECT json_extract(value, '$[0]'), "
-               "json_extract(value, '$[4]') FROM json_each(?) "
-               "WHERE json_type(value, '$[4]') = 'text' ORDER BY key",
-    INSERT_PROFILE: "INSERT INTO profiles (system, user_id, props) "
-                    f"SELECT {_j('{}', '{}', 'CAST({} AS BLOB)')} FROM {_JSON_ROWS}",
-    INSERT_CHANGE: "INSERT INTO changes (system, seq, segment, user_id, change, at) "
-                   f"SELECT {_j('{}', '{}', '{}', '{}', '{}', '{}')} FROM {_JSON_ROWS}",
-    ENTER: "INSERT OR IGNORE INTO members (system, segment, user_id) "
-           f"SELECT {_j('{}', '{}', '{}')} FROM {_JSON_ROWS}",
-    LEAVE: "DELETE FROM members WHERE (system, segment, user_id) IN "
-           f"(SELECT {_j('{}', '{}', '{}')} FROM {_JSON_ROWS})",
+# Each op's table and the columns of its rows, in order; "props" holds JSON bytes.
+_TABLES = {
+    INSERT_EVENT: ("events", ("system", "user_id", "name", "ts", "event_id", "session_id",
+                              "props")),
+    INSERT_PROFILE: ("profiles", ("system", "user_id", "props")),
+    INSERT_CHANGE: ("changes", ("system", "seq", "segment", "user_id", "change", "at")),
+    ENTER: ("members", ("system", "segment", "user_id")),
+    LEAVE: ("members", ("system", "segment", "user_id")),
 }
+
+
+def _statements(op: str) -> tuple[str, str]:
+    """The statement over a JSON array of rows (each row an array), and the one for a row."""
+    table, cols = _TABLES[op]
+    names = ", ".join(cols)
+    from_json = ", ".join(f"CAST(json_extract(value, '$[{k}]') AS BLOB)" if c == "props"
+                          else f"json_extract(value, '$[{k}]')" for k, c in enumerate(cols))
+    rows_ = "(SELECT value FROM json_each(?) ORDER BY key)"
+    params = ", ".join("?" * len(cols))
+    if op == LEAVE:
+        return (f"DELETE FROM {table} WHERE ({names}) IN (SELECT {from_json} FROM {rows_})",
+                f"DELETE FROM {table} WHERE ({names}) = ({params})")
+    verb = "INSERT OR IGNORE" if op == ENTER else "INSERT"
+    return (f"{verb} INTO {table} ({names}) SELECT {from_json} FROM {rows_}",
+            f"{verb} INTO {table} ({names}) VALUES ({params})")
+
+
+_SQL = {op: _statements(op) for op in _TABLES}
+# The events' ids go to a table of their own as well, from the same rows: read whole at
+# start (to know duplicates) without reading the events.
+_IDS_SQL = ("INSERT INTO event_ids (system, id) SELECT json_extract(value, '$[0]'), "
+            "json_extract(value, '$[4]') FROM json_each(?) "
+            "WHERE json_type(value, '$[4]') = 'text' ORDER BY key",
+            "INSERT INTO event_ids (system, id) VALUES (?,?)")
 _encode = msgspec.json.encode
 
 
@@ -70,31 +81,19 @@ def _text_last(row: tuple[Any, ...]) -> tuple[Any, ...]:
     return row if raw is None else (*row[:-1], raw.decode())
 
 
-_ROW_SQL = {
-    INSERT_EVENT: "INSERT INTO events (system, user_id, name, ts, event_id, session_id, props) "
-                  "VALUES (?,?,?,?,?,?,?)",
-    EVENT_IDS: "INSERT INTO event_ids (system, id) VALUES (?,?)",
-    INSERT_PROFILE: "INSERT INTO profiles (system, user_id, props) VALUES (?,?,?)",
-    INSERT_CHANGE: "INSERT INTO changes (system, seq, segment, user_id, change, at) "
-                   "VALUES (?,?,?,?,?,?)",
-    ENTER: "INSERT OR IGNORE INTO members (system, segment, user_id) VALUES (?,?,?)",
-    LEAVE: "DELETE FROM members WHERE system=? AND segment=? AND user_id=?",
-}
-
-
 def _write(db: sqlite3.Connection, op: str, text_rows: list[tuple[Any, ...]],
            rows_: list[tuple[Any, ...]]) -> None:
     """One statement over the JSON array of ``text_rows``; row by row (``rows_``) when a
     string holds a NUL character, which SQLite's JSON functions cut short."""
     payload = _encode(text_rows)
     if b"\\u0000" in payload:
-        db.executemany(_ROW_SQL[op], rows_)
+        db.executemany(_SQL[op][1], rows_)
         if op == INSERT_EVENT:
-            db.executemany(_ROW_SQL[EVENT_IDS], [(r[0], r[4]) for r in rows_ if r[4] is not None])
+            db.executemany(_IDS_SQL[1], [(r[0], r[4]) for r in rows_ if r[4] is not None])
     else:
-        db.execute(_BULK_SQL[op], (payload,))
+        db.execute(_SQL[op][0], (payload,))
         if op == INSERT_EVENT:
-            db.execute(_BULK_SQL[EVENT_IDS], (payload,))
+            db.execute(_IDS_SQL[0], (payload,))
 
 
 class _Bulk:
@@ -218,11 +217,28 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
     return bytes(buf)
 
 
+def _checkpoints(path: str, every: float, stop: threading.Event) -> None:
+    """Copy the WAL into the database every ``every`` seconds, on a connection of its own.
+    A PASSIVE checkpoint never waits for the writer, nor the writer for it; left to SQLite,
+    the commit that fills 1000 pages of WAL copies them before it returns, and the pushes
+    of everything queued behind it wait for that."""
+    con = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        while not stop.wait(every):
+            try:
+                con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.Error:
+                pass  # Busy now: the next one copies it.
+    finally:
+        con.close()
+
+
 def _serve_writes(sock: socket.socket, server_end: socket.socket, path: str,
-                  synchronous: str) -> None:
+                  synchronous: str, checkpoint_every: float) -> None:
     """The writer process: open the database, then commit each group of ops it receives
     (a frame of msgpack) and answer with a frame: nil once durable, or the error. It
-    exits when the server's end closes (a stop, or the server killed)."""
+    exits when the server's end closes (a stop, or the server killed). With
+    ``checkpoint_every`` > 0, a thread of its own checkpoints the WAL (see _checkpoints)."""
     server_end.close()  # Forked with both ends: only the server's may keep this one open.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)  # The server decides when to stop: on close.
@@ -231,6 +247,11 @@ def _serve_writes(sock: socket.socket, server_end: socket.socket, path: str,
     except Exception as e:
         sock.sendall(_frame(_pack(f"could not open {path}: {e}")))
         return
+    stop = threading.Event()
+    if checkpoint_every > 0:
+        db.execute("PRAGMA wal_autocheckpoint=0")
+        threading.Thread(target=_checkpoints, args=(path, checkpoint_every, stop),
+                         name="segactors-checkpoints", daemon=True).start()
     sock.sendall(_frame(_pack(None)))
     while (head := _recv_exactly(sock, 4)) is not None:
         body = _recv_exactly(sock, int.from_bytes(head, "big"))
@@ -245,6 +266,7 @@ def _serve_writes(sock: socket.socket, server_end: socket.socket, path: str,
             sock.sendall(_frame(_pack(answer)))
         except OSError:  # The server is gone: what was committed stays.
             break
+    stop.set()
     db.close()
 
 
@@ -256,9 +278,11 @@ class Store:
     writer thread did: it takes the GIL for every statement, and each time waited for the
     busy loop to let go of it, which made commits, and pushes, tens of ms late)."""
 
-    def __init__(self, data_dir: Path, synchronous: str = "FULL") -> None:
+    def __init__(self, data_dir: Path, synchronous: str = "FULL",
+                 checkpoint_every: float = 0.25) -> None:
         self.path = Path(data_dir) / "segactors.db"
         self.synchronous = synchronous
+        self.checkpoint_every = checkpoint_every
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._reader: asyncio.StreamReader | None = None
         self._conn: asyncio.StreamWriter | None = None
@@ -272,7 +296,8 @@ class Store:
         ours, theirs = socket.socketpair()
         # Forked, not spawned: the writer needs nothing but this module, and starts in ms.
         self._proc = multiprocessing.get_context("fork").Process(
-            target=_serve_writes, args=(theirs, ours, str(self.path), self.synchronous),
+            target=_serve_writes, args=(theirs, ours, str(self.path), self.synchronous,
+                                         self.checkpoint_every),
             name="segactors-writer", daemon=True)
         self._proc.start()
         theirs.close()
