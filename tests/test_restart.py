@@ -408,3 +408,28 @@ async def test_the_writer_process_checkpoints_the_wal_between_commits(tmp_path: 
         assert db.stat().st_size > before + 1_000_000
     finally:
         await srv.stop()
+
+
+async def test_under_steady_writes_the_wal_is_rewound_past_its_limit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpoints that never wait could leave the WAL growing for as long as writes go on:
+    past its limit (here 100 pages), one also rewinds it, so it stays near that size."""
+    import asyncio
+
+    from segactors import store
+
+    monkeypatch.setattr(store, "_WAL_REWIND_FRAMES", 100)  # The writer is forked with it.
+    st = store.Store(tmp_path, "NORMAL", checkpoint_every=0.02)
+    await st.open()
+    wal = tmp_path / "segactors.db-wal"
+    biggest = 0
+    try:
+        for k in range(300):  # About 6 MB in all, a commit every few ms.
+            await st.write([(store.INSERT_EVENT, [
+                ("shop", f"u{k}", "view", k, f"e{k}-{i}", None, b'{"t":"' + b"x" * 900 + b'"}')
+                for i in range(20)])])
+            biggest = max(biggest, wal.stat().st_size)
+            await asyncio.sleep(0.002)
+    finally:
+        await st.close()
+    assert biggest < 2_000_000

@@ -148,11 +148,15 @@ class Server:
             top_id = con.execute("SELECT max(rowid) FROM event_ids").fetchone()[0] or 0
             # A slice like the events' (tens of ms): reads are served in between.
             for lo in range(0, top_id, step):
-                sids, ids = columns(con, "FROM event_ids WHERE rowid > ? AND rowid <= ?",
-                                    ["system", "id"], lo, min(top_id, lo + step))
-                if len(self.systems) == 1 and sids:
-                    self.systems[sids[0]].event_ids.update(ids)
+                hi = min(top_id, lo + step)
+                if len(self.systems) == 1:  # Half the reading: no system column.
+                    (sid, system), = self.systems.items()
+                    system.event_ids.update(column(
+                        con, "FROM event_ids WHERE rowid > ? AND rowid <= ? AND system = ?",
+                        "id", lo, hi, sid))
                 else:
+                    sids, ids = columns(con, "FROM event_ids WHERE rowid > ? AND rowid <= ?",
+                                        ["system", "id"], lo, hi)
                     for sid, eid in zip(sids, ids):
                         self.systems[sid].event_ids.add(eid)
                 await asyncio.sleep(0)

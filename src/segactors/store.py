@@ -217,16 +217,27 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
     return bytes(buf)
 
 
+# WAL frames past which a checkpoint also rewinds the WAL (about 64 MB).
+_WAL_REWIND_FRAMES = 16_000
+
+
 def _checkpoints(path: str, every: float, stop: threading.Event) -> None:
     """Copy the WAL into the database every ``every`` seconds, on a connection of its own.
-    A PASSIVE checkpoint never waits for the writer, nor the writer for it; left to SQLite,
-    the commit that fills 1000 pages of WAL copies them before it returns, and the pushes
-    of everything queued behind it wait for that."""
-    con = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    Left to SQLite, the commit that fills 1000 pages of WAL copies them before it returns,
+    and the pushes of everything queued behind it wait for that. A PASSIVE checkpoint
+    never waits for the writer, nor the writer for it; but under steady writes the WAL is
+    never wholly copied when a commit begins, so it is never rewound and grows. Past
+    ``_WAL_REWIND_FRAMES``, a RESTART checkpoint makes the next commit rewind it: a commit
+    waits for it, but only for what the last PASSIVE one left (a quarter second's worth).
+    It never waits itself (no busy timeout): with a commit under way, or a reader still on
+    an older snapshot (as while histories load at start), it does what a PASSIVE one does."""
+    con = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
     try:
         while not stop.wait(every):
             try:
-                con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                _, frames, _ = con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                if frames > _WAL_REWIND_FRAMES:
+                    con.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
             except sqlite3.Error:
                 pass  # Busy now: the next one copies it.
     finally:
