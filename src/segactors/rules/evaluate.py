@@ -134,6 +134,21 @@ class Window:
         j = bisect_right(ts, top)
         return i, max(i, j)
 
+    def span_next(self, ts: Sequence[int], now: int) -> tuple[int, int, int]:
+        """``span`` and ``next`` at once: a sliding window's next crossing comes from the
+        same two bisections (the first event past ``now``, the first inside the window)."""
+        last = self.last
+        if last is None:
+            i, j = self.span(ts, now)
+            return i, j, next_crossing(ts, now, self.offsets)
+        i = bisect_right(ts, now - last)
+        j = bisect_right(ts, now)
+        n = len(ts)
+        nxt = ts[j] if j < n else NEVER
+        if i < n and ts[i] + last < nxt:
+            nxt = ts[i] + last
+        return i, j, nxt
+
     def contains(self, t: int, now: int) -> bool:
         if t > now:
             return False
@@ -183,11 +198,9 @@ class Did(Node):
         self.atom, self.win, self.cmp, self.include_absent = atom, win, cmp, include_absent
 
     def eval(self, ctx: Ctx, now: int) -> Result:
-        ts = ctx.m(self.atom).ts
-        i, j = self.win.span(ts, now)
+        i, j, nxt = self.win.span_next(ctx.m(self.atom).ts, now)
         n = j - i
-        holds = self.include_absent if n == 0 else self.cmp(n)
-        return holds, self.win.next(ts, now)
+        return (self.include_absent if n == 0 else self.cmp(n)), nxt
 
 
 class DidNot(Node):
@@ -197,9 +210,8 @@ class DidNot(Node):
         self.atom, self.win = atom, win
 
     def eval(self, ctx: Ctx, now: int) -> Result:
-        ts = ctx.m(self.atom).ts
-        i, j = self.win.span(ts, now)
-        return i == j, self.win.next(ts, now)
+        i, j, nxt = self.win.span_next(ctx.m(self.atom).ts, now)
+        return i == j, nxt
 
 
 def _numbers(vals: list[Any]) -> list[float]:
@@ -349,7 +361,7 @@ class Aggregate(Node):
 
     def eval(self, ctx: Ctx, now: int) -> Result:
         m = ctx.m(self.atom)
-        i, j = self.win.span(m.ts, now)
+        i, j, nxt = self.win.span_next(m.ts, now)
         value = None
         if m.vals is not None and i < j:
             state = ctx.agg_state(self) if self.fn in ("sum", "avg", "distinct") else None
@@ -358,7 +370,7 @@ class Aggregate(Node):
             else:
                 value = _aggregate(self.fn, m.vals[i:j])
         holds = self.include_absent if value is None else self.cmp(value)
-        return holds, self.win.next(m.ts, now)
+        return holds, nxt
 
 
 class FirstDid(Node):
@@ -460,9 +472,10 @@ class Sequence(Node):
         nxt = NEVER
         for atom in self.atoms:
             ts = ctx.m(atom).ts
-            i, j = self.win.span(ts, now)
+            i, j, n = self.win.span_next(ts, now)
             spans.append((ts, i, j))
-            nxt = min(nxt, self.win.next(ts, now))
+            if n < nxt:
+                nxt = n
         first, i0, j0 = spans[0]
         rest = spans[1:]
         holds = False
@@ -538,11 +551,6 @@ class InSegment(Node):
         return ctx.member(self.segment) != self.negate, NEVER
 
 
-def _count(ts: Sequence[int], lo: int, hi: int) -> int:
-    """Events with ``lo < t <= hi``."""
-    return max(0, bisect_right(ts, hi) - bisect_right(ts, lo))
-
-
 class Stopped(Node):
     __slots__ = ("atom", "before", "recent", "restarted")
 
@@ -552,13 +560,23 @@ class Stopped(Node):
     def eval(self, ctx: Ctx, now: int) -> Result:
         ts = ctx.m(self.atom).ts
         t_, s_ = self.before, self.recent
-        middle = _count(ts, now - t_, now - s_)
-        recent = _count(ts, now - s_, now)
+        # One bisection per boundary; counts and the next crossing (offsets 0, s_, t_:
+        # the first event past each boundary) come from them.
+        b_t = bisect_right(ts, now - t_)
+        b_s = bisect_right(ts, now - s_)
+        b_0 = bisect_right(ts, now)
+        middle = b_s - b_t if b_s > b_t else 0
+        recent = b_0 - b_s if b_0 > b_s else 0
         if self.restarted:
-            holds = bisect_right(ts, now - t_) > 0 and middle == 0 and recent > 0
+            holds = b_t > 0 and middle == 0 and recent > 0
         else:
             holds = middle > 0 and recent == 0
-        return holds, next_crossing(ts, now, (0, s_, t_))
+        n = len(ts)
+        nxt = NEVER
+        for b, o in ((b_0, 0), (b_s, s_), (b_t, t_)):
+            if b < n and ts[b] + o < nxt:
+                nxt = ts[b] + o
+        return holds, nxt
 
 
 class Regularly(Node):
@@ -571,11 +589,18 @@ class Regularly(Node):
 
     def eval(self, ctx: Ctx, now: int) -> Result:
         ts = ctx.m(self.atom).ts
-        p = self.period
-        good = sum(
-            1 for i in range(self.periods) if self.cmp(_count(ts, now - (i + 1) * p, now - i * p))
-        )
-        return good >= self.min_periods, next_crossing(ts, now, self.offsets)
+        # One bisection per period boundary (offsets 0, p, 2p...): the counts per period
+        # and the next crossing come from them.
+        bounds = [bisect_right(ts, now - o) for o in self.offsets]
+        cmp = self.cmp
+        good = sum(1 for i in range(self.periods)
+                   if cmp(max(0, bounds[i] - bounds[i + 1])))
+        n = len(ts)
+        nxt = NEVER
+        for b, o in zip(bounds, self.offsets):
+            if b < n and ts[b] + o < nxt:
+                nxt = ts[b] + o
+        return good >= self.min_periods, nxt
 
 
 class Group(Node):
