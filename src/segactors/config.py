@@ -31,9 +31,6 @@ class Config:
     change_retention_ms: int = 7 * DAY_MS
     change_retention_count: int | None = None
     synchronous: str = "FULL"
-    # Seconds between checkpoints of SQLite's WAL, taken by a thread of the writer process
-    # (so no commit waits for one); 0 leaves them to SQLite, inside every 1000th page's commit.
-    checkpoint_interval: float = 0.25
     webhook_hosts: tuple[str, ...] | None = None
     webhook_first_backoff: float = 1.0
     cors_origins: tuple[str, ...] = ("*",)
@@ -70,8 +67,6 @@ class Config:
         for var, attr in env_ints.items():
             if var in os.environ:
                 setattr(cfg, attr, int(os.environ[var]))
-        if "SEGACTORS_CHECKPOINT_INTERVAL" in os.environ:
-            cfg.checkpoint_interval = float(os.environ["SEGACTORS_CHECKPOINT_INTERVAL"])
         if "SEGACTORS_SYNCHRONOUS" in os.environ:
             cfg.synchronous = os.environ["SEGACTORS_SYNCHRONOUS"].upper()
         for k, v in overrides.items():

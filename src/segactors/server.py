@@ -85,7 +85,7 @@ class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.clock: Callable[[], int] = config.clock
-        self.store = Store(config.data_dir, config.synchronous, config.checkpoint_interval)
+        self.store = Store(config.data_dir, config.synchronous)
         self.systems: dict[str, System] = {}
         self.logs: dict[str, ChangeLog] = {}
         self.by_write_key: dict[str, str] = {}

@@ -14,7 +14,6 @@ import multiprocessing
 import signal
 import socket
 import sqlite3
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -217,39 +216,11 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
     return bytes(buf)
 
 
-# WAL frames past which a checkpoint also rewinds the WAL (about 64 MB).
-_WAL_REWIND_FRAMES = 16_000
-
-
-def _checkpoints(path: str, every: float, stop: threading.Event) -> None:
-    """Copy the WAL into the database every ``every`` seconds, on a connection of its own.
-    Left to SQLite, the commit that fills 1000 pages of WAL copies them before it returns,
-    and the pushes of everything queued behind it wait for that. A PASSIVE checkpoint
-    never waits for the writer, nor the writer for it; but under steady writes the WAL is
-    never wholly copied when a commit begins, so it is never rewound and grows. Past
-    ``_WAL_REWIND_FRAMES``, a RESTART checkpoint makes the next commit rewind it: a commit
-    waits for it, but only for what the last PASSIVE one left (a quarter second's worth).
-    It never waits itself (no busy timeout): with a commit under way, or a reader still on
-    an older snapshot (as while histories load at start), it does what a PASSIVE one does."""
-    con = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
-    try:
-        while not stop.wait(every):
-            try:
-                _, frames, _ = con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                if frames > _WAL_REWIND_FRAMES:
-                    con.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
-            except sqlite3.Error:
-                pass  # Busy now: the next one copies it.
-    finally:
-        con.close()
-
-
 def _serve_writes(sock: socket.socket, server_end: socket.socket, path: str,
-                  synchronous: str, checkpoint_every: float) -> None:
+                  synchronous: str) -> None:
     """The writer process: open the database, then commit each group of ops it receives
     (a frame of msgpack) and answer with a frame: nil once durable, or the error. It
-    exits when the server's end closes (a stop, or the server killed). With
-    ``checkpoint_every`` > 0, a thread of its own checkpoints the WAL (see _checkpoints)."""
+    exits when the server's end closes (a stop, or the server killed)."""
     server_end.close()  # Forked with both ends: only the server's may keep this one open.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)  # The server decides when to stop: on close.
@@ -258,11 +229,6 @@ def _serve_writes(sock: socket.socket, server_end: socket.socket, path: str,
     except Exception as e:
         sock.sendall(_frame(_pack(f"could not open {path}: {e}")))
         return
-    stop = threading.Event()
-    if checkpoint_every > 0:
-        db.execute("PRAGMA wal_autocheckpoint=0")
-        threading.Thread(target=_checkpoints, args=(path, checkpoint_every, stop),
-                         name="segactors-checkpoints", daemon=True).start()
     sock.sendall(_frame(_pack(None)))
     while (head := _recv_exactly(sock, 4)) is not None:
         body = _recv_exactly(sock, int.from_bytes(head, "big"))
@@ -277,7 +243,6 @@ def _serve_writes(sock: socket.socket, server_end: socket.socket, path: str,
             sock.sendall(_frame(_pack(answer)))
         except OSError:  # The server is gone: what was committed stays.
             break
-    stop.set()
     db.close()
 
 
@@ -289,11 +254,9 @@ class Store:
     writer thread did: it takes the GIL for every statement, and each time waited for the
     busy loop to let go of it, which made commits, and pushes, tens of ms late)."""
 
-    def __init__(self, data_dir: Path, synchronous: str = "FULL",
-                 checkpoint_every: float = 0.25) -> None:
+    def __init__(self, data_dir: Path, synchronous: str = "FULL") -> None:
         self.path = Path(data_dir) / "segactors.db"
         self.synchronous = synchronous
-        self.checkpoint_every = checkpoint_every
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._reader: asyncio.StreamReader | None = None
         self._conn: asyncio.StreamWriter | None = None
@@ -307,8 +270,7 @@ class Store:
         ours, theirs = socket.socketpair()
         # Forked, not spawned: the writer needs nothing but this module, and starts in ms.
         self._proc = multiprocessing.get_context("fork").Process(
-            target=_serve_writes, args=(theirs, ours, str(self.path), self.synchronous,
-                                         self.checkpoint_every),
+            target=_serve_writes, args=(theirs, ours, str(self.path), self.synchronous),
             name="segactors-writer", daemon=True)
         self._proc.start()
         theirs.close()
