@@ -163,11 +163,11 @@ class Server:
             self.accepting.set()
             for sid, uid, props in rows(con, PROFILES_IN_ORDER, top_profile):
                 self.systems[sid].load_profile(uid, msgspec.json.decode(props))
-            await asyncio.sleep(0)
+            await self._between_slices()
             cur = con.execute(EVENTS_IN_ORDER, (top_event,))
             while chunk := cur.fetchmany(step):
                 load_events(self.systems, chunk)
-                await asyncio.sleep(0)
+                await self._between_slices()
         finally:
             con.close()
         for system in self.systems.values():
@@ -185,6 +185,10 @@ class Server:
         gc.collect()
         gc.freeze()
         self.ready.set()
+
+    async def _between_slices(self) -> None:
+        """Between slices of the histories' load: the loop serves what waits meanwhile."""
+        await asyncio.sleep(0)
 
     async def wait_ready(self) -> None:
         """Wait until users' histories are loaded (at once, but just after a restart)."""
