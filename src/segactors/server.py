@@ -146,14 +146,14 @@ class Server:
             top_event = con.execute("SELECT max(rowid) FROM events").fetchone()[0] or 0
             top_profile = con.execute("SELECT max(rowid) FROM profiles").fetchone()[0] or 0
             top_id = con.execute("SELECT max(rowid) FROM event_ids").fetchone()[0] or 0
+            only = next(iter(self.systems.values())) if len(self.systems) == 1 else None
             # A slice like the events' (tens of ms): reads are served in between.
             for lo in range(0, top_id, step):
                 hi = min(top_id, lo + step)
-                if len(self.systems) == 1:  # Half the reading: no system column.
-                    (sid, system), = self.systems.items()
-                    system.event_ids.update(column(
+                if only is not None:  # Half the reading: no system column.
+                    only.event_ids.update(column(
                         con, "FROM event_ids WHERE rowid > ? AND rowid <= ? AND system = ?",
-                        "id", lo, hi, sid))
+                        "id", lo, hi, only.id))
                 else:
                     sids, ids = columns(con, "FROM event_ids WHERE rowid > ? AND rowid <= ?",
                                         ["system", "id"], lo, hi)

@@ -26,10 +26,8 @@ Op = tuple[str, list[tuple[Any, ...]]]
 
 
 # The hot writes. Each is an op name, not SQL: a group commit gathers the rows of each
-# (in order) and writes them as one statement over a JSON array (json_each). The writer
-# thread then takes the GIL a few times a commit instead of twice a row (executemany binds
-# each row holding it and steps releasing it, so a busy event loop made a 700-row commit
-# wait milliseconds a row).
+# (in order) and writes them as one statement over a JSON array (json_each): a few
+# statements a commit instead of one step per row.
 INSERT_EVENT = "+events"  # (system, user_id, name, ts, event_id, session_id, props bytes)
 INSERT_PROFILE = "+profiles"  # (system, user_id, props bytes)
 INSERT_CHANGE = "+changes"  # (system, seq, segment, user_id, change, at)
@@ -317,7 +315,7 @@ class Store:
                 err = await self._answer()
                 if err is not None:
                     raise sqlite3.Error(err)
-            except (Exception, asyncio.IncompleteReadError) as e:
+            except Exception as e:  # IncompleteReadError too: the writer process is gone.
                 # Nothing of this batch is acknowledged.
                 why = e if not isinstance(e, asyncio.IncompleteReadError) else "writer gone"
                 for _, fut in batch:

@@ -107,10 +107,15 @@ class Ctx(Protocol):
 
 def next_crossing(ts: Sequence[int], now: int, offsets: tuple[int, ...]) -> int:
     """The first instant after ``now`` at which some ``t + o`` (t in ts, o in offsets) is reached."""
+    return crossing_from(ts, [bisect_right(ts, now - o) for o in offsets], offsets)
+
+
+def crossing_from(ts: Sequence[int], bounds: Sequence[int], offsets: Sequence[int]) -> int:
+    """``next_crossing`` from its bisections already made: ``bounds[k]`` is
+    ``bisect_right(ts, now - offsets[k])``, the first event past that boundary."""
     best = NEVER
     n = len(ts)
-    for o in offsets:
-        i = bisect_right(ts, now - o)
+    for i, o in zip(bounds, offsets):
         if i < n and ts[i] + o < best:
             best = ts[i] + o
     return best
@@ -143,11 +148,7 @@ class Window:
             return i, j, next_crossing(ts, now, self.offsets)
         i = bisect_right(ts, now - last)
         j = bisect_right(ts, now)
-        n = len(ts)
-        nxt = ts[j] if j < n else NEVER
-        if i < n and ts[i] + last < nxt:
-            nxt = ts[i] + last
-        return i, j, nxt
+        return i, j, crossing_from(ts, (j, i), (0, last))
 
     def contains(self, t: int, now: int) -> bool:
         if t > now:
@@ -571,12 +572,7 @@ class Stopped(Node):
             holds = b_t > 0 and middle == 0 and recent > 0
         else:
             holds = middle > 0 and recent == 0
-        n = len(ts)
-        nxt = NEVER
-        for b, o in ((b_0, 0), (b_s, s_), (b_t, t_)):
-            if b < n and ts[b] + o < nxt:
-                nxt = ts[b] + o
-        return holds, nxt
+        return holds, crossing_from(ts, (b_0, b_s, b_t), (0, s_, t_))
 
 
 class Regularly(Node):
@@ -595,12 +591,7 @@ class Regularly(Node):
         cmp = self.cmp
         good = sum(1 for i in range(self.periods)
                    if cmp(max(0, bounds[i] - bounds[i + 1])))
-        n = len(ts)
-        nxt = NEVER
-        for b, o in zip(bounds, self.offsets):
-            if b < n and ts[b] + o < nxt:
-                nxt = ts[b] + o
-        return good >= self.min_periods, nxt
+        return good >= self.min_periods, crossing_from(ts, bounds, self.offsets)
 
 
 class Group(Node):
