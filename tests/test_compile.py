@@ -7,12 +7,17 @@ members stay exact, these check that the skips are the ones intended.
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
 
+from segactors.actor import ActorCtx, UserActor
 from segactors.definition import parse_definition
 from segactors.rules.compile import AtomRegistry, compile_definition
+from segactors.rules.evaluate import needs_event
+from segactors.supervisor import System
+from gen import PROFILE_PROPS, DefGen, gen_profile_value
 
 MIN = 60_000
 DAY = 24 * 60 * MIN
@@ -155,3 +160,27 @@ def test_running_aggregates_equal_a_direct_computation_over_any_ranges(seed: int
             want = _aggregate(fn, m.vals[i:j]) if i < j else None
             got = state.value(fn, m, i, j) if i < j else None
             assert got == want, (seed, fn, i, j)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_rule_said_to_need_an_event_never_holds_for_a_user_without_events(seed: int) -> None:
+    # The supervisor does not evaluate such a session-scope segment when a new session
+    # opens with an event none of its atoms match: on that session's events (none of its
+    # atoms') it must fail at every instant, as it does on no events at all.
+    rng = random.Random(seed)
+    gen = DefGen(rng, NOW, ["other"])
+    flagged = unflagged_holding = 0
+    for k in range(150):
+        system = System("s", "k", "s", NOW)
+        defn = parse_definition(gen.definition(f"d{k}"), NOW, lambda s: True)
+        root = compile_definition(defn, system.atoms).root
+        u = UserActor("u", len(system.atoms.by_id))
+        u.set_props({key: gen_profile_value(rng, key, NOW) for key in PROFILE_PROPS})
+        holds = [root.eval(ActorCtx(u, system), NOW + dt)[0]
+                 for dt in (-100 * DAY, -DAY, 0, 3_600_000, DAY, 40 * DAY, 400 * DAY)]
+        if needs_event(root):
+            flagged += 1
+            assert not any(holds), (k, defn)
+        elif any(holds):
+            unflagged_holding += 1
+    assert flagged >= 30 and unflagged_holding >= 5, (flagged, unflagged_holding)

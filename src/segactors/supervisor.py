@@ -21,7 +21,7 @@ from sortedcontainers import SortedSet
 from segactors.actor import ActorCtx, UserActor
 from segactors.definition import Definition
 from segactors.rules.compile import AtomRegistry, CompiledSegment, compile_builtin
-from segactors.rules.evaluate import ALL_SESSIONS, NEVER
+from segactors.rules.evaluate import ALL_SESSIONS, NEVER, needs_event
 
 BUILTINS = ("all-users", "test-users")
 
@@ -165,7 +165,8 @@ class System:
         self._by_atom: dict[int, list[tuple[Segment, int | None, int]]] = {}
         self._by_prop: dict[str, list[Segment]] = {}
         self._seen: list[Segment] = []
-        self._session_scoped: list[Segment] = []
+        # Session-scope segments that a new session may change before any of its atoms match.
+        self._on_new_session: list[Segment] = []
         for bid in BUILTINS:
             self.add_segment(Segment(bid, 0, bid, "", None, None, compile_builtin(bid),
                                      created_at, builtin=True, status=Status.ACTIVE))
@@ -188,9 +189,10 @@ class System:
                 self._seen.append(seg)
             else:
                 self._by_prop.setdefault(p, []).append(seg)
-        if c.session_scope:
-            # Any event with a session id may open a session that satisfies it.
-            self._session_scoped.append(seg)
+        if c.session_scope and not needs_event(c.root):
+            # Any event with a session id may open a session that satisfies it. (A segment
+            # that needs an event of its own atoms in the session is evaluated by that one.)
+            self._on_new_session.append(seg)
         for ref in c.refs:
             self.segments[ref].dependents.append(seg)
 
@@ -199,7 +201,7 @@ class System:
         for a, readers in self._by_atom.items():
             self._by_atom[a] = [r for r in readers if r[0] is not seg]
         for lst in (*self._by_prop.values(), self._seen,
-                    self._session_scoped):
+                    self._on_new_session):
             if seg in lst:
                 lst.remove(seg)
         for ref in seg.compiled.refs:
@@ -376,7 +378,7 @@ class System:
         # A session that session-scope segments have not seen yet (or that starts after
         # now) must be evaluated whatever its events: `did_not` holds on an empty session.
         new_session = False
-        if sid is not None and self._session_scoped:
+        if sid is not None and self._on_new_session:
             first = NEVER if u.sessions is None else u.sessions.get(sid, NEVER)
             new_session = first > now
         changed = u.add_event(self, ts, name, props, self._share(raw), sid)
@@ -398,7 +400,7 @@ class System:
             for s in self._seen:
                 found[s.idx] = s
             if new_session:
-                for s in self._session_scoped:
+                for s in self._on_new_session:
                     found[s.idx] = s
             if not found:
                 return  # Nothing to evaluate: the deadline kept stays right.

@@ -623,6 +623,23 @@ class Group(Node):
         return (held == 0 if self.none else held >= self.need), nxt
 
 
+def needs_event(node: Node) -> bool:
+    """Whether ``node`` can hold only while some event of one of its own atoms is kept:
+    then, read on events none of which match its atoms (a session that has none of
+    them), it fails at every instant and never changes by itself. Conservative: False
+    where unsure."""
+    if isinstance(node, (Did, Aggregate)):
+        return not node.include_absent
+    if isinstance(node, (FirstDid, DidThenNot, Sequence, Stopped)):
+        return True
+    if isinstance(node, Regularly):
+        return node.min_periods >= 1 and not node.cmp(0)
+    if isinstance(node, Group):
+        free = sum(1 for c in node.children if not needs_event(c))
+        return not node.none and free < node.need
+    return False
+
+
 class SessionCtx:
     """A user's context with every event rule limited to one session's events."""
 
