@@ -104,7 +104,14 @@ class UserActor:
         name = intern(name)
         if sid is not None:
             sid = intern(sid)
-        self.append(ts, name, raw, sid)
+        col = self.ts
+        if col and col[-1] <= ts:  # In order (the common case), inline.
+            col.append(ts)
+            self.names.append(name)  # type: ignore[union-attr]
+            self.raws.append(raw)  # type: ignore[union-attr]
+            self.sids.append(sid)  # type: ignore[union-attr]
+        else:
+            self.append(ts, name, raw, sid)
         if sid is not None and self.sessions is not None:
             first = self.sessions.get(sid)
             if first is None or ts < first:
@@ -112,29 +119,27 @@ class UserActor:
         changed = []
         registry = system.atoms
         matches = self.matches
-        for atom in registry.by_event.get(name, ()):
-            aid = atom.id
+        for aid, where, vp, pairs in registry.steps.get(name, ()):
             m = matches.get(aid)
             if m is None:
                 if aid >= self.born:
                     changed.append(aid)  # Built lazily, from `events`, when first read.
                     continue
                 m = EMPTY
-            where, vp = atom.where, atom.value_prop
             if where is not None or vp is not None:
                 if props is None:
                     props = props_of(raw)
                 if where is not None and not where(props):
                     continue
             if m is EMPTY:
-                m = matches[aid] = atom.new_matches()
+                m = matches[aid] = registry.by_id[aid].new_matches()
             seen = m.ts
             if m.vals is None and m.by_sid is None and (not seen or seen[-1] <= ts):
                 seen.append(ts)  # The common case: in order, no values, no sessions.
             else:
                 m.insert(ts, None if vp is None else props.get(vp), sid)
             changed.append(aid)
-            for pair in registry.pairs_by_atom.get(aid, ()):
+            for pair in pairs:
                 good = matches.get(pair.id)
                 if good is None and pair.id >= self.born:
                     continue  # Built lazily when first read.

@@ -50,6 +50,9 @@ class Pair:
     within: int
 
 
+Step = tuple[int, Predicate | None, str | None, tuple[Pair, ...]]
+
+
 class AtomRegistry:
     """Atoms of one system, shared between segments, indexed by event name."""
 
@@ -59,6 +62,14 @@ class AtomRegistry:
         self.by_event: dict[str, list[Atom]] = {}
         self.pairs: dict[tuple[int, int, int], Pair] = {}
         self.pairs_by_atom: dict[int, list[Pair]] = {}
+        # Per event name, what recording an event reads of each of its atoms, spelled out:
+        # (id, filter, value property, pairs it takes part in).
+        self.steps: dict[str, tuple[Step, ...]] = {}
+
+    def _restep(self, event: str) -> None:
+        self.steps[event] = tuple(
+            (a.id, a.where, a.value_prop, tuple(self.pairs_by_atom.get(a.id, ())))
+            for a in self.by_event[event])
 
     def pair(self, a: int, not_: int, within: int) -> Pair:
         key = (a, not_, within)
@@ -69,6 +80,8 @@ class AtomRegistry:
             self.pairs_by_atom.setdefault(a, []).append(got)
             if not_ != a:
                 self.pairs_by_atom.setdefault(not_, []).append(got)
+            for aid in (a, not_):
+                self._restep(self.by_id[aid].event)
         return got
 
     def get(self, event: str, where: list[d.Filter], value_prop: str | None, sids: bool) -> Atom:
@@ -81,6 +94,7 @@ class AtomRegistry:
             self.by_key[key] = atom
             self.by_id.append(atom)
             self.by_event.setdefault(event, []).append(atom)
+            self._restep(event)
         return atom
 
 
