@@ -298,7 +298,7 @@ class ActorCtx:
 
     def member(self, segment: str) -> bool:
         seg = self.system.segments.get(segment)
-        return seg is not None and self.actor.uid in seg.members
+        return seg is not None and seg.members.has(self.actor.uid)
 
     def next_event_after(self, now: int) -> int:
         ts = self.actor.ts

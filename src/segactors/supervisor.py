@@ -47,6 +47,15 @@ class Change(msgspec.Struct, frozen=True, gc=False):
     at: int
 
 
+class Members(SortedSet):
+    """A segment's members, in ``user_id`` order. ``has(uid)`` tests membership in C:
+    ``uid in members`` goes through a Python method, and the hot path asks often."""
+
+    def __init__(self, iterable: Iterable[str] | None = None, key: Any = None) -> None:
+        super().__init__(iterable, key)
+        self.has = self._set.__contains__
+
+
 @dataclass(eq=False)
 class Segment:
     """A segment and its members. ``members`` is sorted, for paging in ``user_id`` order."""
@@ -64,7 +73,7 @@ class Segment:
     ends_at: int | None = None
     status: Status = Status.PENDING
     reason: str | None = None
-    members: SortedSet = field(default_factory=SortedSet)
+    members: Members = field(default_factory=Members)
     dependents: list[Segment] = field(default_factory=list)
 
     def status_at(self, now: int) -> Status:
@@ -213,7 +222,7 @@ class System:
         return [s for s in self.segments.values() if seg_id in s.compiled.refs]
 
     def user_segments(self, uid: str) -> list[str]:
-        return [s.id for s in self.segments.values() if uid in s.members]
+        return [s.id for s in self.segments.values() if s.members.has(uid)]
 
     # Evaluation
 
@@ -254,7 +263,7 @@ class System:
             if n < nxt:
                 nxt = n
             members = seg.members
-            if holds == (uid in members):
+            if holds == members.has(uid):
                 continue
             if holds:
                 members.add(uid)
@@ -394,7 +403,7 @@ class System:
                     # at or before the earlier one).
                     if horizon is not None and ts + horizon <= now:
                         continue
-                    if sign and (uid in s.members) == (sign > 0):
+                    if sign and s.members.has(uid) == (sign > 0):
                         continue
                     found[s.idx] = s
             for s in self._seen:

@@ -144,8 +144,13 @@ class Window:
         same two bisections (the first event past ``now``, the first inside the window)."""
         last = self.last
         if last is None:
-            i, j = self.span(ts, now)
-            return i, j, next_crossing(ts, now, self.offsets)
+            # Offsets (0,): the next crossing is the first event past now.
+            j = bisect_right(ts, now)
+            nxt = ts[j] if j < len(ts) else NEVER
+            i = 0 if self.lo is None else bisect_left(ts, self.lo)
+            if self.hi is not None and self.hi - 1 < now:
+                j = bisect_right(ts, self.hi - 1)
+            return i, max(i, j), nxt
         i = bisect_right(ts, now - last)
         j = bisect_right(ts, now)
         return i, j, crossing_from(ts, (j, i), (0, last))
