@@ -11,21 +11,24 @@ Sizes (users / events):
 | time (preload; leavers over s; pending) | 10k / 50k; 20k over 10 s; 50k | 20k / 100k; 50k over 30 s; 200k | 100k / 1M; 200k over 60 s; 1M |
 | memory, backfill, restart | 30k / 150k | 200k / 300k | 1M / 20M |
 
-Each mode's results are also kept as bench/results/<mode>.json; RESULTS.md shows every
-mode found there, each labelled with its sizes.
+Each scenario runs in a bench process of its own. Each mode's results are also kept as
+bench/results/<mode>.json; RESULTS.md shows every mode found there, each labelled with its
+sizes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench import ingest, latency, scale, timely
-from bench.common import RESULTS, machine, stop_on_sigterm, utc_now
+from bench.common import RESULTS, machine, run_scenario, stop_on_sigterm, utc_now
 
 MODES: dict[str, dict[str, Any]] = {
     "quick": {"ingest": (10_000, 200_000), "latency": (10_000, 50_000, 5.0),
@@ -56,6 +59,32 @@ def checkpoint(out: dict[str, Any]) -> None:
     (RESULTS / f"{out['mode']}.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
 
 
+def isolated(fn: Callable[..., dict[str, Any]], *args: Any, **kw: Any) -> dict[str, Any]:
+    """Run one scenario in a fresh bench process: what an earlier scenario leaves in this
+    one (a heap of millions of workload rows, threads, sockets) must not slow the client
+    that times the next. A SIGTERM here stops it too (and so its servers)."""
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=run_scenario, args=(theirs, fn, args, kw))
+    proc.start()
+    theirs.close()
+    answer = None
+    try:
+        answer = ours.recv()
+    except EOFError:
+        pass
+    finally:
+        if proc.is_alive():
+            proc.terminate()
+        proc.join()
+    if answer is None:
+        raise RuntimeError(f"scenario {fn.__module__} died (exit code {proc.exitcode})")
+    ok, got = answer
+    if not ok:
+        raise RuntimeError(f"scenario {fn.__module__} failed:\n{got}")
+    return got
+
+
 def run(mode: str, skip: list[str]) -> dict[str, Any]:
     sizes = MODES[mode]
     out: dict[str, Any] = {"mode": mode, "date": utc_now(), "machine": machine(),
@@ -65,24 +94,24 @@ def run(mode: str, skip: list[str]) -> dict[str, Any]:
     if "ingest" not in skip:
         u, e = sizes["ingest"]
         print(f"== ingest + peer: {u} users, {e} events", file=sys.stderr)
-        sc["ingest"] = ingest.run(u, e, peer=True)
+        sc["ingest"] = isolated(ingest.run, u, e, peer=True)
         checkpoint(out)
     if "latency" not in skip:
         u, e, d = sizes["latency"]
         print(f"== latency: {u} users, {e} preload, {d}s per level", file=sys.stderr)
         # Levels are fractions of the live traffic's own sustained rate, measured there.
-        sc["latency"] = latency.run(u, e, None, [0.1, 0.5, 0.9], d)
+        sc["latency"] = isolated(latency.run, u, e, None, [0.1, 0.5, 0.9], d)
         checkpoint(out)
     if "time" not in skip:
         u, e, n, s, pend = sizes["time"]
         print(f"== time: {u} users, {e} preload, {n} leavers over {s}s, {pend} pending",
               file=sys.stderr)
-        sc["time"] = timely.run(u, e, n, s, pending=pend)
+        sc["time"] = isolated(timely.run, u, e, n, s, pending=pend)
         checkpoint(out)
     if "scale" not in skip:
         u, e = sizes["scale"]
         print(f"== memory/backfill/restart: {u} users, {e} events", file=sys.stderr)
-        sc["scale"] = scale.run(u, e, scale.PARTS)
+        sc["scale"] = isolated(scale.run, u, e, scale.PARTS)
     out["total_s"] = round(time.perf_counter() - t0, 1)
     out["complete"] = True
     out["figures"] = figures(out)

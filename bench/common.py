@@ -7,8 +7,11 @@ import os
 import platform
 import threading
 import time
+import traceback
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -30,6 +33,18 @@ def stop_on_sigterm() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def run_scenario(conn: Connection, fn: Callable[..., dict[str, Any]], args: tuple[Any, ...],
+                 kw: dict[str, Any]) -> None:
+    """In a process of its own (``bench all``): run one scenario, send back (ok, result or
+    traceback)."""
+    stop_on_sigterm()
+    try:
+        conn.send((True, fn(*args, **kw)))
+    except BaseException:
+        conn.send((False, traceback.format_exc()))
+        raise
 
 
 def quiet_gc() -> None:
