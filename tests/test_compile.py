@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import msgspec
 import pytest
 
 from segactors.actor import ActorCtx, UserActor
@@ -17,7 +18,7 @@ from segactors.definition import parse_definition
 from segactors.rules.compile import AtomRegistry, compile_definition
 from segactors.rules.evaluate import needs_event
 from segactors.supervisor import System
-from gen import PROFILE_PROPS, DefGen, gen_profile_value
+from gen import NAMES, PROFILE_PROPS, DefGen, gen_profile_value, gen_props
 
 MIN = 60_000
 DAY = 24 * 60 * MIN
@@ -184,3 +185,34 @@ def test_a_rule_said_to_need_an_event_never_holds_for_a_user_without_events(seed
         elif any(holds):
             unflagged_holding += 1
     assert flagged >= 30 and unflagged_holding >= 5, (flagged, unflagged_holding)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_vetoing_event_keeps_the_rule_from_holding_while_it_is_recent(seed: int) -> None:
+    # The supervisor does not evaluate a segment for a non-member when an event of a vetoing
+    # atom lands in its veto window: it must fail while that event is that recent.
+    rng = random.Random(seed)
+    gen = DefGen(rng, NOW, ["other"])
+    vetoed = checked = 0
+    for k in range(600):
+        system = System("s", "k", "s", NOW)
+        defn = parse_definition(gen.definition(f"d{k}"), NOW, lambda s: True)
+        c = compile_definition(defn, system.atoms)
+        if not c.vetoes:
+            continue
+        vetoed += 1
+        u = UserActor("u")
+        u.set_props({key: gen_profile_value(rng, key, NOW) for key in PROFILE_PROPS})
+        instants = [NOW + rng.randrange(-10 * DAY, 2 * DAY) for _ in range(8)]
+        stamps = [NOW - rng.randrange(40 * DAY) for _ in range(30)]
+        stamps += [t - rng.randrange(3 * 3_600_000) for t in instants for _ in range(2)]
+        for ts in stamps:
+            props = gen_props(rng)
+            u.add_event(system, ts, rng.choice(NAMES), props,
+                        msgspec.json.encode(props) if props else None, None)
+        for t in instants:
+            for a, r in c.vetoes.items():
+                if any(t - r < x <= t for x in ActorCtx(u, system).m(a).ts):
+                    checked += 1
+                    assert not c.root.eval(ActorCtx(u, system), t)[0], (k, defn, a, r, t)
+    assert vetoed >= 20 and checked >= 60, (vetoed, checked)

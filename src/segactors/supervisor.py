@@ -170,8 +170,8 @@ class System:
         self.recover_at = 0
         self._payloads: dict[bytes, bytes] = {}
         self.unrecovered: set[str] = set()
-        # Atom -> the segments reading it, each with its horizon and sign for that atom.
-        self._by_atom: dict[int, list[tuple[Segment, int | None, int]]] = {}
+        # Atom -> the segments reading it, each with its horizon, sign and veto for that atom.
+        self._by_atom: dict[int, list[tuple[Segment, int | None, int, int | None]]] = {}
         self._by_prop: dict[str, list[Segment]] = {}
         self._seen: list[Segment] = []
         # Session-scope segments that a new session may change before any of its atoms match.
@@ -192,7 +192,7 @@ class System:
             # A session-scope segment keeps per-session results that every event of the
             # session must refresh, so it is never skipped by sign.
             sign = 0 if c.session_scope else c.signs[a]
-            self._by_atom.setdefault(a, []).append((seg, horizon, sign))
+            self._by_atom.setdefault(a, []).append((seg, horizon, sign, c.vetoes.get(a)))
         for p in c.profile_props:
             if p in ("first_seen", "last_seen"):
                 self._seen.append(seg)
@@ -391,12 +391,13 @@ class System:
             first = NEVER if u.sessions is None else u.sessions.get(sid, NEVER)
             new_session = first > now
         changed = u.add_event(self, ts, name, props, self._share(raw), sid)
+        later = NEVER  # The earliest instant a segment skipped by its veto may hold again.
         if new:
             segs: Iterable[Segment] = self.segments.values()
         else:
             found: dict[int, Segment] = {}
             for a in changed:
-                for s, horizon, sign in self._by_atom.get(a, ()):
+                for s, horizon, sign, veto in self._by_atom.get(a, ()):
                     # Past its horizon, the event cannot change the segment now or later;
                     # nor can an event that can only make a member hold, or a non-member
                     # fail (its next change can only come later, and the deadline kept is
@@ -405,6 +406,12 @@ class System:
                         continue
                     if sign and s.members.has(uid) == (sign > 0):
                         continue
+                    # A recent event that keeps a non-member out keeps them out until it
+                    # ages past the veto: evaluated then, not now.
+                    if veto is not None and now - veto < ts <= now and not s.members.has(uid):
+                        if ts + veto < later:
+                            later = ts + veto
+                        continue
                     found[s.idx] = s
             for s in self._seen:
                 found[s.idx] = s
@@ -412,10 +419,13 @@ class System:
                 for s in self._on_new_session:
                     found[s.idx] = s
             if not found:
-                return  # Nothing to evaluate: the deadline kept stays right.
+                # Nothing to evaluate: the deadline kept stays right, or comes earlier.
+                if later < NEVER:
+                    self._schedule(u, later, fresh=False)
+                return
             segs = found.values()
         nxt = self._evaluate(u, segs, now, now, out, dirty=ALL_SESSIONS if new else sid)
-        self._schedule(u, nxt, fresh=new)
+        self._schedule(u, min(nxt, later), fresh=new)
 
     def apply_profile(self, uid: str, props: dict[str, Any], now: int,
                       out: list[Change]) -> None:

@@ -178,6 +178,9 @@ class CompiledSegment:
     # How far back its event rules look (ms), beyond the first matching event of each atom,
     # which is always kept; None when unbounded (an all-time or fixed window).
     lookback: int | None = 0
+    # Atoms whose recent events keep it from holding: an event of atom ``a`` at ``ts``
+    # rules it out at every instant of ``[ts, ts + vetoes[a])`` (user scope only).
+    vetoes: dict[int, int] = field(default_factory=dict)
 
     def eval(self, ctx: ev.Ctx, now: int, sessions: Callable[[], dict[str, int]]) -> ev.Result:
         if self.session_scope:
@@ -307,6 +310,8 @@ def compile_definition(defn: d.Definition, atoms: AtomRegistry) -> CompiledSegme
     c.out.root = c.group(defn.rules, defn.match)
     if c.sids:
         c.out.lookback = None  # A session's first event may be older than any window.
+    else:
+        c.out.vetoes = ev.vetoes(c.out.root)
     return c.out
 
 

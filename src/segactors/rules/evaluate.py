@@ -645,6 +645,22 @@ def needs_event(node: Node) -> bool:
     return False
 
 
+def vetoes(node: Node) -> dict[int, int]:
+    """``{atom: r}`` where ``node`` cannot hold at any instant ``t`` at which some event of
+    ``atom`` lies in ``(t - r, t]``. Conservative: empty where unsure."""
+    if isinstance(node, DidNot) and node.win.last is not None:
+        return {node.atom: node.win.last}
+    if isinstance(node, Stopped) and not node.restarted:
+        return {node.atom: node.recent}
+    if isinstance(node, Group) and not node.none and node.need == len(node.children):
+        out: dict[int, int] = {}
+        for c in node.children:  # Every child must hold: any child's veto is the group's.
+            for a, r in vetoes(c).items():
+                out[a] = max(r, out.get(a, 0))
+        return out
+    return {}
+
+
 class SessionCtx:
     """A user's context with every event rule limited to one session's events."""
 
