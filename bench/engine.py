@@ -27,7 +27,7 @@ import msgspec
 from bench.common import print_rows, save
 from bench.workload import Workload, resolve_refs, segments
 from segactors.definition import Limits, parse_definition
-from segactors.rules.compile import CompiledSegment, compile_definition
+from segactors.rules.compile import compile_definition
 from segactors.supervisor import Segment, Status, System
 
 QUICK = {"users": 10_000, "events": 200_000}
@@ -80,12 +80,13 @@ def once(w: Workload, decoded: list[tuple[str, str, int, Any, str | None, bytes 
     system = build(w.now)
     evals = [0]
     if count:
-        inner = CompiledSegment.eval
+        inner = System._evaluate
 
-        def counted(self: CompiledSegment, *a: Any) -> Any:
-            evals[0] += 1
-            return inner(self, *a)
-        CompiledSegment.eval = counted  # type: ignore[method-assign]
+        def counted(self: System, u: Any, segs: Any, *a: Any, **kw: Any) -> Any:
+            segs = list(segs)
+            evals[0] += len(segs)  # Not counting dependents re-evaluated after a flip.
+            return inner(self, u, segs, *a, **kw)
+        System._evaluate = counted  # type: ignore[method-assign]
     try:
         out: list[Any] = []
         for p in w.profiles():
@@ -107,7 +108,7 @@ def once(w: Workload, decoded: list[tuple[str, str, int, Any, str | None, bytes 
             tracemalloc.stop()
     finally:
         if count:
-            CompiledSegment.eval = inner  # type: ignore[method-assign]
+            System._evaluate = inner  # type: ignore[method-assign]
     res = {"us_per_event": round(cpu / len(decoded) * 1e6, 2), "changes": len(out)}
     if memory:
         n = len(decoded)
