@@ -8,6 +8,7 @@ members stay exact, these check that the skips are the ones intended.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -15,7 +16,7 @@ import pytest
 
 from segactors.actor import ActorCtx, UserActor
 from segactors.definition import parse_definition
-from segactors.rules.compile import AtomRegistry, compile_definition
+from segactors.rules.compile import AtomRegistry, CompiledSegment, compile_definition
 from segactors.rules.evaluate import needs_event
 from segactors.supervisor import System
 from gen import NAMES, PROFILE_PROPS, DefGen, gen_profile_value, gen_props
@@ -163,25 +164,33 @@ def test_running_aggregates_equal_a_direct_computation_over_any_ranges(seed: int
             assert got == want, (seed, fn, i, j)
 
 
+def random_cases(seed: int, n: int) -> Iterator[tuple[random.Random, System, Any,
+                                                    CompiledSegment, UserActor]]:
+    """``n`` random definitions, each compiled in a system of its own, with a user of random
+    profile and no events yet (atoms are built from the user's events when first read)."""
+    rng = random.Random(seed)
+    gen = DefGen(rng, NOW, ["other"])
+    for k in range(n):
+        system = System("s", "k", "s", NOW)
+        defn = parse_definition(gen.definition(f"d{k}"), NOW, lambda s: True)
+        c = compile_definition(defn, system.atoms)
+        u = UserActor("u")
+        u.set_props({key: gen_profile_value(rng, key, NOW) for key in PROFILE_PROPS})
+        yield rng, system, defn, c, u
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_a_rule_said_to_need_an_event_never_holds_for_a_user_without_events(seed: int) -> None:
     # The supervisor does not evaluate such a session-scope segment when a new session
     # opens with an event none of its atoms match: on that session's events (none of its
     # atoms') it must fail at every instant, as it does on no events at all.
-    rng = random.Random(seed)
-    gen = DefGen(rng, NOW, ["other"])
     flagged = unflagged_holding = 0
-    for k in range(150):
-        system = System("s", "k", "s", NOW)
-        defn = parse_definition(gen.definition(f"d{k}"), NOW, lambda s: True)
-        root = compile_definition(defn, system.atoms).root
-        u = UserActor("u", len(system.atoms.by_id))
-        u.set_props({key: gen_profile_value(rng, key, NOW) for key in PROFILE_PROPS})
-        holds = [root.eval(ActorCtx(u, system), NOW + dt)[0]
+    for _, system, defn, c, u in random_cases(seed, 150):
+        holds = [c.root.eval(ActorCtx(u, system), NOW + dt)[0]
                  for dt in (-100 * DAY, -DAY, 0, 3_600_000, DAY, 40 * DAY, 400 * DAY)]
-        if needs_event(root):
+        if needs_event(c.root):
             flagged += 1
-            assert not any(holds), (k, defn)
+            assert not any(holds), defn
         elif any(holds):
             unflagged_holding += 1
     assert flagged >= 30 and unflagged_holding >= 5, (flagged, unflagged_holding)
@@ -191,18 +200,11 @@ def test_a_rule_said_to_need_an_event_never_holds_for_a_user_without_events(seed
 def test_a_vetoing_event_keeps_the_rule_from_holding_while_it_is_recent(seed: int) -> None:
     # The supervisor does not evaluate a segment for a non-member when an event of a vetoing
     # atom lands in its veto window: it must fail while that event is that recent.
-    rng = random.Random(seed)
-    gen = DefGen(rng, NOW, ["other"])
     vetoed = checked = 0
-    for k in range(600):
-        system = System("s", "k", "s", NOW)
-        defn = parse_definition(gen.definition(f"d{k}"), NOW, lambda s: True)
-        c = compile_definition(defn, system.atoms)
+    for rng, system, defn, c, u in random_cases(seed, 600):
         if not c.vetoes:
             continue
         vetoed += 1
-        u = UserActor("u")
-        u.set_props({key: gen_profile_value(rng, key, NOW) for key in PROFILE_PROPS})
         instants = [NOW + rng.randrange(-10 * DAY, 2 * DAY) for _ in range(8)]
         stamps = [NOW - rng.randrange(40 * DAY) for _ in range(30)]
         stamps += [t - rng.randrange(3 * 3_600_000) for t in instants for _ in range(2)]
@@ -214,5 +216,5 @@ def test_a_vetoing_event_keeps_the_rule_from_holding_while_it_is_recent(seed: in
             for a, r in c.vetoes.items():
                 if any(t - r < x <= t for x in ActorCtx(u, system).m(a).ts):
                     checked += 1
-                    assert not c.root.eval(ActorCtx(u, system), t)[0], (k, defn, a, r, t)
+                    assert not c.root.eval(ActorCtx(u, system), t)[0], (defn, a, r, t)
     assert vetoed >= 20 and checked >= 60, (vetoed, checked)
