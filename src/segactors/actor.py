@@ -104,14 +104,7 @@ class UserActor:
         name = intern(name)
         if sid is not None:
             sid = intern(sid)
-        col = self.ts
-        if col and col[-1] <= ts:  # In order (the common case), inline.
-            col.append(ts)
-            self.names.append(name)  # type: ignore[union-attr]
-            self.raws.append(raw)  # type: ignore[union-attr]
-            self.sids.append(sid)  # type: ignore[union-attr]
-        else:
-            self.append(ts, name, raw, sid)
+        self.append(ts, name, raw, sid)
         if sid is not None and self.sessions is not None:
             first = self.sessions.get(sid)
             if first is None or ts < first:
