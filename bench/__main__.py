@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import ingest, latency, scale, timely
-from bench.common import RESULTS, machine, run_scenario, stop_on_sigterm, utc_now
+from bench.common import RESULTS, machine, run_scenario, settle_disk, stop_on_sigterm, utc_now
 
 MODES: dict[str, dict[str, Any]] = {
     "quick": {"ingest": (10_000, 200_000), "latency": (10_000, 50_000, 5.0),
@@ -63,6 +63,7 @@ def isolated(fn: Callable[..., dict[str, Any]], *args: Any, **kw: Any) -> dict[s
     """Run one scenario in a fresh bench process: what an earlier scenario leaves in this
     one (a heap of millions of workload rows, threads, sockets) must not slow the client
     that times the next. A SIGTERM here stops it too (and so its servers)."""
+    settled = settle_disk()  # What the scenario before left to write back is not this one's.
     ctx = multiprocessing.get_context("spawn")
     ours, theirs = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=run_scenario, args=(theirs, fn, args, kw))
@@ -82,6 +83,7 @@ def isolated(fn: Callable[..., dict[str, Any]], *args: Any, **kw: Any) -> dict[s
     ok, got = answer
     if not ok:
         raise RuntimeError(f"scenario {fn.__module__} failed:\n{got}")
+    got["disk_settle_before_s"] = settled
     return got
 
 

@@ -47,6 +47,24 @@ def run_scenario(conn: Connection, fn: Callable[..., dict[str, Any]], args: tupl
         raise
 
 
+def settle_disk(timeout: float = 120.0) -> float:
+    """Flush what earlier writes left dirty in the page cache (``sync``) and wait until the
+    kernel's writeback is done, so its disk traffic does not stall the fsyncs of what is
+    measured next (a scenario after one that wrote GBs, a measurement after a preload).
+    Returns the seconds it took."""
+    t0 = time.perf_counter()
+    os.sync()
+    while time.perf_counter() - t0 < timeout:
+        kb = 0
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(("Dirty:", "Writeback:")):
+                kb += int(line.split()[1])
+        if kb < 16 * 1024:
+            break
+        time.sleep(0.2)
+    return round(time.perf_counter() - t0, 2)
+
+
 def quiet_gc() -> None:
     """Freeze what this process holds (the workload): its collector's passes would
     otherwise stall the loop that timestamps arrivals, and show as server latency."""

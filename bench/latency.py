@@ -34,7 +34,7 @@ import httpx
 import websockets
 
 from bench.common import (HEADERS, SYS, client, dist, now_ms, post_all, print_rows, quiet_gc,
-                          save, setup_system, stop_on_sigterm)
+                          save, settle_disk, setup_system, stop_on_sigterm)
 from bench.serverproc import ROOT, ServerProc
 from bench.workload import Workload
 
@@ -176,6 +176,7 @@ def run(users: int, events: int, rate: float | None, levels: list[float], durati
             bodies = live_bodies(int(target * duration * 1.2) + batch, i)
             print(f"latency: level {frac:.0%} ({target:.0f} events/s) for {duration}s",
                   file=sys.stderr)
+            settled = settle_disk()
             cpu0, wall0, own0 = srv.cpu_seconds(), time.perf_counter(), time.process_time()
             got = asyncio.run(
                 level(srv.url, ids["probe"], bodies, target, batch, duration, probe_ms, str(i)))
@@ -183,6 +184,7 @@ def run(users: int, events: int, rate: float | None, levels: list[float], durati
             got["server_cpu_util"] = round((srv.cpu_seconds() - cpu0) / wall, 2)
             got["bench_cpu_util"] = round((time.process_time() - own0) / wall, 2)
             got["server_rss_mb"] = round(srv.rss_bytes() / 2**20, 1)
+            got["disk_settle_s"] = settled
             res["levels"][f"{round(frac * 100)}%"] = got
     finally:
         srv.stop()

@@ -30,7 +30,7 @@ import msgspec
 import websockets
 
 from bench.common import (SYS, client, dist, now_ms, post_all, print_rows, quiet_gc, save,
-                          setup_system, stop_on_sigterm)
+                          settle_disk, setup_system, stop_on_sigterm)
 from bench.serverproc import ROOT, ServerProc
 from bench.workload import Workload
 
@@ -65,6 +65,7 @@ def run(users: int, events: int, leavers: int, spread: float, seed: int = 1,
                 res["pending_members"] = c.get(
                     f"/v1/systems/{SYS}/segments/{ids['seen 1d']}").json()["size"]
             res["rss_mb_before"] = round(srv.rss_bytes() / 2**20, 1)
+        res["disk_settle_s"] = settle_disk()  # The preload's writeback, not measured.
         lead_ms = 5_000 + leavers // 5  # ~5k events/s of heartbeats plus 5 s
         res["lead_s"] = lead_ms / 1000
         res.update(asyncio.run(measure(srv, ids["seen 2m"], leavers, spread, lead_ms, seed)))
