@@ -197,24 +197,41 @@ def test_a_rule_said_to_need_an_event_never_holds_for_a_user_without_events(seed
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_a_vetoing_event_keeps_the_rule_from_holding_while_it_is_recent(seed: int) -> None:
-    # The supervisor does not evaluate a segment for a non-member when an event of a vetoing
-    # atom lands in its veto window: it must fail while that event is that recent.
-    vetoed = checked = 0
+def test_a_rule_fails_while_its_vetoes_hold_and_until_the_instant_given_for_them(
+        seed: int) -> None:
+    # The supervisor does not evaluate a segment for a non-member while one of its vetoes
+    # holds, and comes back at the instant `vetoed_until` gives: the rule must fail at
+    # every instant t with an event of the veto's atom in (t - lo, t - hi], and at every
+    # instant from then until that one.
+    from segactors.rules.evaluate import NEVER
+    kinds = {"recent": 0, "between": 0, "at or before": 0}
+    untils = 0
     for rng, system, defn, c, u in random_cases(seed, 600):
         if not c.vetoes:
             continue
-        vetoed += 1
         instants = [NOW + rng.randrange(-10 * DAY, 2 * DAY) for _ in range(8)]
-        stamps = [NOW - rng.randrange(40 * DAY) for _ in range(30)]
+        span = rng.choice([3, 20, 60]) * DAY  # So that a first match is recent at times.
+        stamps = [NOW - rng.randrange(span) for _ in range(rng.choice([5, 30]))]
         stamps += [t - rng.randrange(3 * 3_600_000) for t in instants for _ in range(2)]
         for ts in stamps:
             props = gen_props(rng)
             u.add_event(system, ts, rng.choice(NAMES), props,
                         msgspec.json.encode(props) if props else None, None)
+        ctx = ActorCtx(u, system)
+        holds = lambda t: c.root.eval(ActorCtx(u, system), t)[0]  # noqa: E731
+        for a, lo, hi in c.vetoes:  # And where a veto starts and ends, for some events.
+            for x in rng.sample(list(ctx.m(a).ts), min(3, len(ctx.m(a).ts))):
+                instants += [x + hi] if lo is None else [x + hi, x + lo - 1]
         for t in instants:
-            for a, r in c.vetoes.items():
-                if any(t - r < x <= t for x in ActorCtx(u, system).m(a).ts):
-                    checked += 1
-                    assert not c.root.eval(ActorCtx(u, system), t)[0], (defn, a, r, t)
-    assert vetoed >= 20 and checked >= 60, (vetoed, checked)
+            for a, lo, hi in c.vetoes:
+                if any((lo is None or t - lo < x) and x <= t - hi for x in ctx.m(a).ts):
+                    kinds["at or before" if lo is None else "between" if hi else "recent"] += 1
+                    assert not holds(t), (defn, a, lo, hi, t)
+            until = u.vetoed_until(c.vetoes, t)  # Every atom is built by now (ctx.m).
+            if until is not None:
+                untils += 1
+                end = t + 400 * DAY if until == NEVER else until
+                assert end > t, (defn, t, until)
+                for x in {t, end - 1, *(rng.randrange(t, end) for _ in range(3))}:
+                    assert not holds(x), (defn, t, until, x)
+    assert min(kinds.values()) >= 20 and untils >= 60, (kinds, untils)

@@ -20,6 +20,7 @@ from segactors.rules.evaluate import (
 
 if TYPE_CHECKING:
     from segactors.rules.compile import AtomRegistry
+    from segactors.rules.evaluate import Veto
     from segactors.supervisor import System
 
 
@@ -90,6 +91,31 @@ class UserActor:
             self.names.insert(i, name)  # type: ignore[union-attr]
             self.raws.insert(i, raw)  # type: ignore[union-attr]
             self.sids.insert(i, sid)  # type: ignore[union-attr]
+
+    def vetoed_until(self, vetoes: tuple[Veto, ...], now: int) -> int | None:
+        """None unless ``vetoes`` (``CompiledSegment.vetoes``) rule the segment out at
+        ``now``; then an instant before which they still do (``NEVER``: they always will).
+        An atom not built for this user yet rules out nothing here."""
+        matches = self.matches
+        for a, lo, hi in vetoes:
+            m = matches.get(a)
+            if m is None or not m.ts:
+                continue
+            ts = m.ts
+            top = now - hi
+            if lo is None:
+                if ts[0] <= top:  # The first match is always kept.
+                    return NEVER
+                continue
+            last = ts[-1]
+            if last > top:
+                k = bisect_right(ts, top)
+                if not k:
+                    continue
+                last = ts[k - 1]
+            if last > now - lo:  # In range until it is ``lo`` old.
+                return last + lo
+        return None
 
     def events(self) -> Iterator[tuple[int, str, bytes | None, str | None]]:
         """(ts, name, raw props, session id) in ``ts`` order."""

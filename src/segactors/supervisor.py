@@ -192,7 +192,7 @@ class System:
             # A session-scope segment keeps per-session results that every event of the
             # session must refresh, so it is never skipped by sign.
             sign = 0 if c.session_scope else c.signs[a]
-            self._by_atom.setdefault(a, []).append((seg, horizon, sign, c.vetoes.get(a)))
+            self._by_atom.setdefault(a, []).append((seg, horizon, sign, c.vetoes or None))
         for p in c.profile_props:
             if p in ("first_seen", "last_seen"):
                 self._seen.append(seg)
@@ -391,27 +391,31 @@ class System:
             first = NEVER if u.sessions is None else u.sessions.get(sid, NEVER)
             new_session = first > now
         changed = u.add_event(self, ts, name, props, self._share(raw), sid)
-        later = NEVER  # The earliest instant a segment skipped by its veto may hold again.
+        later = NEVER  # The earliest instant a segment skipped by its vetoes may hold again.
         if new:
             segs: Iterable[Segment] = self.segments.values()
         else:
             found: dict[int, Segment] = {}
             for a in changed:
-                for s, horizon, sign, veto in self._by_atom.get(a, ()):
+                for s, horizon, sign, vetoes in self._by_atom.get(a, ()):
                     # Past its horizon, the event cannot change the segment now or later;
                     # nor can an event that can only make a member hold, or a non-member
                     # fail (its next change can only come later, and the deadline kept is
                     # at or before the earlier one).
                     if horizon is not None and ts + horizon <= now:
                         continue
-                    if sign and s.members.has(uid) == (sign > 0):
-                        continue
-                    # A recent event that keeps a non-member out keeps them out until it
-                    # ages past the veto: evaluated then, not now.
-                    if veto is not None and now - veto < ts <= now and not s.members.has(uid):
-                        if ts + veto < later:
-                            later = ts + veto
-                        continue
+                    if sign or vetoes is not None:
+                        member = s.members.has(uid)
+                        if sign and member == (sign > 0):
+                            continue
+                        # A non-member whose events rule the segment out now stays out
+                        # until they may stop to: evaluated then, not now.
+                        if vetoes is not None and not member:
+                            until = u.vetoed_until(vetoes, now)
+                            if until is not None:
+                                if until < later:
+                                    later = until
+                                continue
                     found[s.idx] = s
             for s in self._seen:
                 found[s.idx] = s

@@ -135,20 +135,35 @@ def _cmp(c: d.Compare | UnsetType) -> ev.Cmp:
     return ev.compile_compare(c.op, c.value, None if isinstance(c.to, UnsetType) else c.to)
 
 
-def _count_sign(holds: Callable[[int], bool], c: d.Compare | UnsetType) -> int:
-    """How ``holds(n)`` moves as a count ``n`` = 0, 1, 2... grows: +1 never down, -1 never
-    up, 0 either way. Every comparison is constant past its largest bound, so the counts
-    up to it tell."""
+def _counts(holds: Callable[[int], bool], c: d.Compare | UnsetType) -> list[bool] | None:
+    """``holds(n)`` for the counts ``n`` = 0, 1, 2... up to past the comparison's largest
+    bound, after which every comparison is constant; None when that is too far to list."""
     top = 1.0 if isinstance(c, UnsetType) else max(
         c.value, 0.0 if isinstance(c.to, UnsetType) else c.to)
     if top > 1000:
-        return 0  # Not worth checking: treated as moving either way.
-    seen = [holds(n) for n in range(int(top) + 3)]
+        return None
+    return [holds(n) for n in range(int(top) + 3)]
+
+
+def _count_sign(holds: Callable[[int], bool], c: d.Compare | UnsetType) -> int:
+    """How ``holds(n)`` moves as a count ``n`` = 0, 1, 2... grows: +1 never down, -1 never
+    up, 0 either way (or too far to tell)."""
+    seen = _counts(holds, c)
+    if seen is None:
+        return 0
     if all(a <= b for a, b in zip(seen, seen[1:])):
         return 1
     if all(a >= b for a, b in zip(seen, seen[1:])):
         return -1
     return 0
+
+
+def _past_zero(holds: Callable[[int], bool], c: d.Compare | UnsetType) -> bool | None:
+    """What ``holds(n)`` is for every count ``n`` >= 1, when it is the same for all (else
+    None)."""
+    seen = _counts(holds, c)
+    past = set(seen[1:]) if seen is not None else set()
+    return past.pop() if len(past) == 1 else None
 
 
 def _reads_events(node: ev.Node) -> bool:
@@ -178,9 +193,10 @@ class CompiledSegment:
     # How far back its event rules look (ms), beyond the first matching event of each atom,
     # which is always kept; None when unbounded (an all-time or fixed window).
     lookback: int | None = 0
-    # Atoms whose recent events keep it from holding: an event of atom ``a`` at ``ts``
-    # rules it out at every instant of ``[ts, ts + vetoes[a])`` (user scope only).
-    vetoes: dict[int, int] = field(default_factory=dict)
+    # Events that keep it from holding, as ``(atom, lo, hi)``: it fails at every instant
+    # ``t`` at which an event of ``atom`` lies in ``(t - lo, t - hi]`` (``lo`` None: at or
+    # before ``t - hi``). See ``evaluate.vetoes``; user scope only.
+    vetoes: tuple[ev.Veto, ...] = ()
 
     def eval(self, ctx: ev.Ctx, now: int, sessions: Callable[[], dict[str, int]]) -> ev.Result:
         if self.session_scope:
@@ -245,7 +261,8 @@ class _Compiler:
             cmp = _cmp(r.count)
             absent = r.include_absent
             sign = _count_sign(lambda n: absent if n == 0 else cmp(n), r.count)
-            return ev.Did(self.atom(r.event, r.where, win.last, sign), win, cmp, absent)
+            return ev.Did(self.atom(r.event, r.where, win.last, sign), win, cmp, absent,
+                          _past_zero(cmp, r.count))
         if isinstance(r, d.DidNot):
             win = self.win(r.window)
             return ev.DidNot(self.atom(r.event, r.where, win.last, -1), win)
@@ -311,7 +328,7 @@ def compile_definition(defn: d.Definition, atoms: AtomRegistry) -> CompiledSegme
     if c.sids:
         c.out.lookback = None  # A session's first event may be older than any window.
     else:
-        c.out.vetoes = ev.vetoes(c.out.root)
+        c.out.vetoes = tuple(ev.vetoes(c.out.root))
     return c.out
 
 

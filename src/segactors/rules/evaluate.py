@@ -198,10 +198,13 @@ def compile_compare(op: str, value: float, to: float | None = None) -> Cmp:
 
 
 class Did(Node):
-    __slots__ = ("atom", "win", "cmp", "include_absent")
+    __slots__ = ("atom", "win", "cmp", "include_absent", "past_zero")
 
-    def __init__(self, atom: int, win: Window, cmp: Cmp, include_absent: bool) -> None:
+    def __init__(self, atom: int, win: Window, cmp: Cmp, include_absent: bool,
+                 past_zero: bool | None = None) -> None:
         self.atom, self.win, self.cmp, self.include_absent = atom, win, cmp, include_absent
+        # What ``cmp`` says for every count from 1 up, when it says the same (else None).
+        self.past_zero = past_zero
 
     def eval(self, ctx: Ctx, now: int) -> Result:
         i, j, nxt = self.win.span_next(ctx.m(self.atom).ts, now)
@@ -645,20 +648,54 @@ def needs_event(node: Node) -> bool:
     return False
 
 
-def vetoes(node: Node) -> dict[int, int]:
-    """``{atom: r}`` where ``node`` cannot hold at any instant ``t`` at which some event of
-    ``atom`` lies in ``(t - r, t]``. Conservative: empty where unsure."""
-    if isinstance(node, DidNot) and node.win.last is not None:
-        return {node.atom: node.win.last}
-    if isinstance(node, Stopped) and not node.restarted:
-        return {node.atom: node.recent}
-    if isinstance(node, Group) and not node.none and node.need == len(node.children):
-        out: dict[int, int] = {}
+Veto = tuple[int, int | None, int]
+
+
+def _reach(win: Window) -> tuple[int | None] | None:
+    """How far back ``win`` reaches from the instant it is read at: ``(last,)`` for a
+    sliding window, ``(None,)`` for all time, None for a fixed one."""
+    if win.last is not None:
+        return (win.last,)
+    return (None,) if win.lo is None and win.hi is None else None
+
+
+def vetoes(node: Node) -> list[Veto]:
+    """``(atom, lo, hi)`` each: ``node`` cannot hold at any instant ``t`` at which some event
+    of ``atom`` lies in ``(t - lo, t - hi]`` (``lo`` None: at or before ``t - hi``).
+    Conservative: none where unsure."""
+    out: list[Veto] = []
+    if isinstance(node, DidNot) or isinstance(node, Did) and node.past_zero is False:
+        reach = _reach(node.win)  # Any event in the window fails it.
+        if reach is not None:
+            out.append((node.atom, reach[0], 0))
+    elif isinstance(node, FirstDid) and node.win.last is not None:
+        out.append((node.atom, None, node.win.last))  # The first is older than the window.
+    elif isinstance(node, Stopped):
+        if node.restarted:  # An event between `before` and `recent` ago.
+            out.append((node.atom, node.before, node.recent))
+        else:
+            out.append((node.atom, node.recent, 0))
+    elif isinstance(node, Group) and node.none:
+        for c in node.children:  # Any child holding fails it.
+            out += forcers(c)
+    elif isinstance(node, Group) and node.need == len(node.children):
         for c in node.children:  # Every child must hold: any child's veto is the group's.
-            for a, r in vetoes(c).items():
-                out[a] = max(r, out.get(a, 0))
-        return out
-    return {}
+            out += vetoes(c)
+    return sorted(set(out), key=repr)
+
+
+def forcers(node: Node) -> list[Veto]:
+    """``(atom, lo, hi)`` each: ``node`` holds at any instant ``t`` at which some event of
+    ``atom`` lies in ``(t - lo, t - hi]``. Conservative: none where unsure."""
+    out: list[Veto] = []
+    if isinstance(node, Did) and node.past_zero is True:
+        reach = _reach(node.win)  # Any event in the window makes it hold.
+        if reach is not None:
+            out.append((node.atom, reach[0], 0))
+    elif isinstance(node, Group) and not node.none and node.need == 1:
+        for c in node.children:  # Any child holding makes it hold.
+            out += forcers(c)
+    return out
 
 
 class SessionCtx:
