@@ -21,9 +21,20 @@ from sortedcontainers import SortedSet
 from segactors.actor import ActorCtx, UserActor
 from segactors.definition import Definition
 from segactors.rules.compile import AtomRegistry, CompiledSegment, compile_builtin
-from segactors.rules.evaluate import ALL_SESSIONS, NEVER, needs_event
+from segactors.rules.evaluate import ALL_SESSIONS, NEVER, SessionState, needs_event
 
 BUILTINS = ("all-users", "test-users")
+
+
+def _stale(u: UserActor, seg: Segment, sid: str) -> None:
+    """A session-scope segment is not evaluated on an event of session ``sid`` (it can
+    only make a member's sessions hold, or a non-member's fail): the result it keeps for
+    that session is computed again at its next evaluation. That comes no later than the
+    next change of any result it keeps, the only instants its membership may change."""
+    states = u.scache
+    state = states.get(seg.compiled) if states is not None else None
+    if isinstance(state, SessionState):
+        state.wait(sid)
 
 
 def _idx(seg: Segment) -> int:
@@ -189,10 +200,7 @@ class System:
         self.segments[seg.id] = seg
         c = seg.compiled
         for a, horizon in c.atoms.items():
-            # A session-scope segment keeps per-session results that every event of the
-            # session must refresh, so it is never skipped by sign.
-            sign = 0 if c.session_scope else c.signs[a]
-            self._by_atom.setdefault(a, []).append((seg, horizon, sign, c.vetoes or None))
+            self._by_atom.setdefault(a, []).append((seg, horizon, c.signs[a], c.vetoes or None))
         for p in c.profile_props:
             if p in ("first_seen", "last_seen"):
                 self._seen.append(seg)
@@ -407,6 +415,8 @@ class System:
                     if sign or vetoes is not None:
                         member = s.members.has(uid)
                         if sign and member == (sign > 0):
+                            if sid is not None and s.compiled.session_scope:
+                                _stale(u, s, sid)
                             continue
                         # A non-member whose events rule the segment out now stays out
                         # until they may stop to: evaluated then, not now.
