@@ -235,3 +235,38 @@ def test_a_rule_fails_while_its_vetoes_hold_and_until_the_instant_given_for_them
                 for x in {t, end - 1, *(rng.randrange(t, end) for _ in range(3))}:
                     assert not holds(x), (defn, t, until, x)
     assert min(kinds.values()) >= 20 and untils >= 60, (kinds, untils)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_an_event_of_a_step_before_the_last_with_no_last_step_after_it_changes_nothing(
+        seed: int) -> None:
+    # The supervisor does not evaluate a segment on such an event (`matched_after` False
+    # for every atom of the segment the event matches): the rule must hold at the same
+    # instants with it as without it, events out of order included. (A segment reading
+    # first_seen or last_seen is evaluated on every event.)
+    checked = 0
+    for rng, system, defn, c, u in random_cases(seed, 600):
+        if not c.after or c.profile_props & {"first_seen", "last_seen"}:
+            continue
+        instants = [NOW + rng.randrange(-3 * DAY, DAY) for _ in range(6)]
+        ctx = ActorCtx(u, system)
+        for a in c.atoms:
+            ctx.m(a)  # Built now, then kept current by add_event.
+        for _ in range(40):
+            ts = NOW - rng.randrange(3 * DAY)
+            near = [x for a in c.atoms for x in ctx.m(a).ts]
+            if near and rng.random() < 0.5:  # Just before a step matched: out of order.
+                ts = rng.choice(near) - rng.choice([0, 1, rng.randrange(30 * MIN)])
+            props = gen_props(rng)
+            raw = msgspec.json.encode(props) if props else None
+            name = rng.choice(NAMES)
+            before = [c.root.eval(ActorCtx(u, system), t)[0] for t in instants + [ts, ts + 1]]
+            changed = [a for a in u.add_event(system, ts, name, props, raw, None)
+                       if a in c.atoms]
+            if changed and all(a in c.after and not u.matched_after(c.after[a], ts)
+                               for a in changed):
+                checked += 1
+                after = [c.root.eval(ActorCtx(u, system), t)[0]
+                         for t in instants + [ts, ts + 1]]
+                assert after == before, (defn, name, ts)
+    assert checked >= 100, checked

@@ -92,6 +92,18 @@ class UserActor:
             self.raws.insert(i, raw)  # type: ignore[union-attr]
             self.sids.insert(i, sid)  # type: ignore[union-attr]
 
+    def matched_after(self, atoms: tuple[int, ...], ts: int) -> bool:
+        """Whether one of ``atoms`` may have a match after ``ts`` (an atom not built for
+        this user yet may)."""
+        for a in atoms:
+            m = self.matches.get(a)
+            if m is None:
+                if a >= self.born:
+                    return True
+            elif m.ts and m.ts[-1] > ts:
+                return True
+        return False
+
     def vetoed_until(self, vetoes: tuple[Veto, ...], now: int) -> int | None:
         """None unless ``vetoes`` (``CompiledSegment.vetoes``) rule the segment out at
         ``now``; then an instant before which they still do (``NEVER``: they always will).

@@ -21,7 +21,7 @@ from sortedcontainers import SortedSet
 from segactors.actor import ActorCtx, UserActor
 from segactors.definition import Definition
 from segactors.rules.compile import AtomRegistry, CompiledSegment, compile_builtin
-from segactors.rules.evaluate import ALL_SESSIONS, NEVER, SessionState, needs_event
+from segactors.rules.evaluate import ALL_SESSIONS, NEVER, SessionState, Veto, needs_event
 
 BUILTINS = ("all-users", "test-users")
 
@@ -181,8 +181,11 @@ class System:
         self.recover_at = 0
         self._payloads: dict[bytes, bytes] = {}
         self.unrecovered: set[str] = set()
-        # Atom -> the segments reading it, each with its horizon, sign and veto for that atom.
-        self._by_atom: dict[int, list[tuple[Segment, int | None, int, int | None]]] = {}
+        # Atom -> the segments reading it, each with its horizon and sign for that atom, the
+        # segment's vetoes and the last steps the atom's events need after them (see
+        # CompiledSegment).
+        self._by_atom: dict[int, list[tuple[Segment, int | None, int, tuple[Veto, ...] | None,
+                                            tuple[int, ...] | None]]] = {}
         self._by_prop: dict[str, list[Segment]] = {}
         self._seen: list[Segment] = []
         # Session-scope segments that a new session may change before any of its atoms match.
@@ -200,7 +203,8 @@ class System:
         self.segments[seg.id] = seg
         c = seg.compiled
         for a, horizon in c.atoms.items():
-            self._by_atom.setdefault(a, []).append((seg, horizon, c.signs[a], c.vetoes or None))
+            self._by_atom.setdefault(a, []).append(
+                (seg, horizon, c.signs[a], c.vetoes or None, c.after.get(a)))
         for p in c.profile_props:
             if p in ("first_seen", "last_seen"):
                 self._seen.append(seg)
@@ -405,12 +409,16 @@ class System:
         else:
             found: dict[int, Segment] = {}
             for a in changed:
-                for s, horizon, sign, vetoes in self._by_atom.get(a, ()):
+                for s, horizon, sign, vetoes, after in self._by_atom.get(a, ()):
                     # Past its horizon, the event cannot change the segment now or later;
                     # nor can an event that can only make a member hold, or a non-member
                     # fail (its next change can only come later, and the deadline kept is
                     # at or before the earlier one).
                     if horizon is not None and ts + horizon <= now:
+                        continue
+                    # A step before the last of a sequence, with no last step after it,
+                    # joins no chain.
+                    if after is not None and not u.matched_after(after, ts):
                         continue
                     if sign or vetoes is not None:
                         member = s.members.has(uid)

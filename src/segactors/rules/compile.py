@@ -197,6 +197,10 @@ class CompiledSegment:
     # ``t`` at which an event of ``atom`` lies in ``(t - lo, t - hi]`` (``lo`` None: at or
     # before ``t - hi``). See ``evaluate.vetoes``; user scope only.
     vetoes: tuple[ev.Veto, ...] = ()
+    # Atoms read only as steps before the last of sequences, each with the atoms of those
+    # last steps: an event at ``ts`` of such an atom joins no chain (so changes nothing)
+    # unless one of them has a match after ``ts``.
+    after: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
     def eval(self, ctx: ev.Ctx, now: int, sessions: Callable[[], dict[str, int]]) -> ev.Result:
         if self.session_scope:
@@ -212,6 +216,8 @@ class _Compiler:
         self.sids = sids
         self.out = CompiledSegment(ev.Always(), sids)
         self.polarity = 1  # -1 under an odd number of `none` groups.
+        self.uses: dict[int, int] = {}  # How many rules (or sequence steps) read each atom.
+        self.sequences: list[list[int]] = []  # Each sequence's atoms, step by step.
 
     def atom(self, event: str, where: list[d.Filter], horizon: int | None, sign: int,
              value_prop: str | None = None) -> int:
@@ -219,6 +225,7 @@ class _Compiler:
         change this rule (None: forever); ``sign``: +1 when more of its events can only
         make the rule hold, -1 only fail, 0 either."""
         a = self.registry.get(event, where, value_prop, self.sids)
+        self.uses[a.id] = self.uses.get(a.id, 0) + 1
         atoms, signs = self.out.atoms, self.out.signs
         sign *= self.polarity
         if a.id in atoms:
@@ -230,6 +237,18 @@ class _Compiler:
             atoms[a.id] = horizon
             signs[a.id] = sign
         return a.id
+
+    def before_last(self) -> dict[int, tuple[int, ...]]:
+        """``CompiledSegment.after``: each atom read only as a step before the last of
+        sequences, with the last steps' atoms (none of them that atom)."""
+        steps: dict[int, int] = {}
+        lasts: dict[int, set[int]] = {}
+        for seq in self.sequences:
+            for a in seq[:-1]:
+                steps[a] = steps.get(a, 0) + 1
+                lasts.setdefault(a, set()).add(seq[-1])
+        return {a: tuple(sorted(lasts[a])) for a, n in steps.items()
+                if n == self.uses[a] and a not in lasts[a]}
 
     def win(self, w: d.Window | UnsetType, extra: int = 0) -> ev.Window:
         win = _window(self.default if isinstance(w, UnsetType) else w)
@@ -291,8 +310,9 @@ class _Compiler:
         if isinstance(r, d.Sequence):
             within = None if isinstance(r.within, UnsetType) else parse_duration(r.within)
             win = self.win(r.window)
-            return ev.Sequence([self.atom(s.event, s.where, win.last, 1) for s in r.steps],
-                               win, within)
+            steps = [self.atom(s.event, s.where, win.last, 1) for s in r.steps]
+            self.sequences.append(steps)
+            return ev.Sequence(steps, win, within)
         if isinstance(r, d.Profile):
             self.out.profile_props.add(r.property)
             return ev.Profile(compile_filter(r.property, r.op, _value(r.value)), r.property)
@@ -329,6 +349,7 @@ def compile_definition(defn: d.Definition, atoms: AtomRegistry) -> CompiledSegme
         c.out.lookback = None  # A session's first event may be older than any window.
     else:
         c.out.vetoes = tuple(ev.vetoes(c.out.root))
+    c.out.after = c.before_last()
     return c.out
 
 
