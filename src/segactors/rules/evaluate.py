@@ -732,7 +732,8 @@ class SessionState:
     """Per user and session-scope segment: the last (holds, next change) of each session
     that holds or will change by itself (a session that does neither is not kept), how
     many hold, a heap of their next changes (stale entries are skipped when popped), and
-    the sessions met before they started (``later``)."""
+    the sessions to evaluate at the next evaluation once started (``later``): those met
+    before they started, and those whose last events were not evaluated."""
 
     __slots__ = ("res", "holding", "heap", "later")
 
@@ -740,7 +741,7 @@ class SessionState:
         self.res: dict[str, Result] = {}
         self.holding = 0
         self.heap: list[tuple[int, str]] = []
-        self.later: list[str] | None = None
+        self.later: dict[str, None] | None = None  # In the order met.
 
     def set(self, sid: str, r: Result) -> None:
         old = self.res.get(sid)
@@ -756,11 +757,10 @@ class SessionState:
             heapq.heappush(self.heap, (r[1], sid))
 
     def wait(self, sid: str) -> None:
-        """``sid`` starts after now: evaluate it once it has started."""
+        """Evaluate ``sid`` at the next evaluation, or the first after it has started."""
         if self.later is None:
-            self.later = []
-        if sid not in self.later:
-            self.later.append(sid)
+            self.later = {}
+        self.later[sid] = None
 
     def next(self) -> int:
         heap, res = self.heap, self.res
