@@ -48,9 +48,10 @@ def _drop_before(m: Matches, cutoff: int) -> None:
 
 class UserActor:
     """One user's state. Its events are kept, for segments created later, as four columns
-    sorted by ``ts`` (ties in arrival order): ``ts`` (an ``array('q')``), ``names`` and
-    ``sids`` (interned strings) and ``raws`` (the props as the encoded JSON stored in
-    SQLite, decoded only when a new atom is first built; None when there were none).
+    sorted by ``ts`` (ties in arrival order): ``ts`` (an ``array('q')``), ``names``
+    (interned), ``sids`` (shared along a session: ``same_sid``) and ``raws`` (the props as
+    the encoded JSON stored in SQLite, decoded only when a new atom is first built; None
+    when there were none).
     About 32 bytes per event plus its props' length, when that payload is not shared.
     """
 
@@ -129,6 +130,17 @@ class UserActor:
                 return last + lo
         return None
 
+    def same_sid(self, sid: str) -> str:
+        """The latest event's session id object when ``sid`` equals it: one string per run
+        of a session's events (not one per event), without a lookup in a table of every
+        session id (as ``sys.intern`` would)."""
+        sids = self.sids
+        if sids:
+            last = sids[-1]
+            if last == sid:
+                return last  # type: ignore[return-value]
+        return sid
+
     def events(self) -> Iterator[tuple[int, str, bytes | None, str | None]]:
         """(ts, name, raw props, session id) in ``ts`` order."""
         return zip(self.ts, self.names, self.raws, self.sids)
@@ -141,7 +153,7 @@ class UserActor:
         """
         name = intern(name)
         if sid is not None:
-            sid = intern(sid)
+            sid = self.same_sid(sid)
         self.append(ts, name, raw, sid)
         if sid is not None and self.sessions is not None:
             first = self.sessions.get(sid)

@@ -145,7 +145,7 @@ def load_events(systems: dict[str, System],
             u = users[uid] = UserActor(uid)
         name = intern(name)
         if sid is not None:
-            sid = intern(sid)
+            sid = u.same_sid(sid)
         if raw is not None:
             raw = share(raw)  # type: ignore[misc]
         col = u.ts
