@@ -344,12 +344,16 @@ class Server:
             stamped.append(ts)
         fresh: list[tuple[EventIn, int]] = []
         ids = system.event_ids
+        add, known = ids.add, len(ids)
         for e, ts in zip(items, stamped):
             eid = e.id
             if eid is not None:
-                if eid in ids:
+                # Reserved now, so a concurrent request sees it as a duplicate. One lookup:
+                # the set grows unless the id was in it.
+                add(eid)
+                if len(ids) == known:
                     continue
-                ids.add(eid)  # Reserved now, so a concurrent request sees it as a duplicate.
+                known += 1
             fresh.append((e, ts))
         if not self.ready.is_set():
             if fresh:
