@@ -51,7 +51,17 @@ def compiled(rules: list[dict[str, Any]], **extra: Any) -> tuple[dict[str, tuple
     ({"kind": "aggregate", "event": "e", "fn": "distinct", "property": "p",
       "compare": {"op": "gte", "value": 5}, "window": {"last": "1d"}}, (DAY, 1)),
     ({"kind": "aggregate", "event": "e", "fn": "sum", "property": "p",
+      "compare": {"op": "gte", "value": 5}}, (None, 2)),  # SUM_SIGN: per event's value
+    ({"kind": "aggregate", "event": "e", "fn": "sum", "property": "p",
+      "compare": {"op": "gte", "value": 5}, "include_absent": True}, (None, 0)),
+    ({"kind": "aggregate", "event": "e", "fn": "avg", "property": "p",
       "compare": {"op": "gte", "value": 5}}, (None, 0)),
+    ({"kind": "aggregate", "event": "e", "fn": "max", "property": "p",
+      "compare": {"op": "lt", "value": 5}, "include_absent": True}, (None, -1)),
+    ({"kind": "aggregate", "event": "e", "fn": "min", "property": "p",
+      "compare": {"op": "lt", "value": 5}}, (None, 1)),
+    ({"kind": "aggregate", "event": "e", "fn": "min", "property": "p",
+      "compare": {"op": "between", "value": 1, "to": 5}}, (None, 0)),
     ({"kind": "stopped", "event": "e", "before": "30d", "recent": "7d"}, (30 * DAY, 0)),
     ({"kind": "restarted", "event": "e", "before": "30d", "recent": "7d"}, (None, 0)),
     ({"kind": "regularly", "event": "e", "period": "1d", "periods": 7, "min_periods": 3},
@@ -270,3 +280,91 @@ def test_an_event_of_a_step_before_the_last_with_no_last_step_after_it_changes_n
                          for t in instants + [ts, ts + 1]]
                 assert after == before, (defn, name, ts)
     assert checked >= 100, checked
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_an_event_of_an_atom_with_a_sign_moves_the_rule_only_that_way(seed: int) -> None:
+    # The supervisor does not evaluate a segment for a member on an event of an atom with
+    # sign +1, or for a non-member with -1 (for +-SUM_SIGN: when the event adds a
+    # non-negative number or none). Such an event must only add instants at which the
+    # rule holds (+1), or only remove some (-1).
+    from segactors.rules.compile import SUM_SIGN
+    checked = {1: 0, -1: 0, "sum": 0}
+    for rng, system, defn, c, u in random_cases(seed, 2500):
+        if (not any(c.signs.values()) or c.session_scope
+                or c.profile_props & {"first_seen", "last_seen"}):
+            continue
+        instants = [NOW + rng.randrange(-3 * DAY, 2 * DAY) for _ in range(6)]
+        ctx = ActorCtx(u, system)
+        for a in c.atoms:
+            ctx.m(a)  # Built now, then kept current by add_event.
+        for _ in range(30):
+            ts = NOW - rng.randrange(4 * DAY)
+            props = gen_props(rng)
+            at = instants + [ts, ts + 1]
+            before = [c.root.eval(ActorCtx(u, system), t)[0] for t in at]
+            changed = [a for a in u.add_event(system, ts, rng.choice(NAMES), props,
+                                              msgspec.json.encode(props) if props else None,
+                                              None) if a in c.atoms]
+            signs = set()
+            for a in changed:
+                sign = c.signs[a]
+                if abs(sign) == SUM_SIGN:
+                    v = props.get(system.atoms.by_id[a].value_prop)
+                    negative = (type(v) is int or type(v) is float) and v < 0
+                    sign = 0 if negative else sign // SUM_SIGN
+                    checked["sum"] += sign != 0
+                signs.add(sign)
+            if len(signs) != 1 or not (sign := signs.pop()):
+                continue
+            checked[sign] += 1
+            after = [c.root.eval(ActorCtx(u, system), t)[0] for t in at]
+            for b, a_ in zip(before, after):
+                assert (a_ >= b) if sign > 0 else (a_ <= b), (defn, sign, props)
+    assert checked[1] >= 1000 and checked[-1] >= 500 and checked["sum"] >= 20, checked
+
+
+@pytest.mark.parametrize("fn", ["sum", "avg", "min", "max", "distinct"])
+def test_an_aggregate_with_a_sign_moves_only_that_way_whatever_its_values(fn: str) -> None:
+    # Each comparison, with and without include_absent, on values of every kind (negative
+    # ones too): where the aggregate's atom has a sign, an event that it covers (for
+    # +-SUM_SIGN: adding a non-negative number or none) only moves the rule its way.
+    from segactors.rules.compile import SUM_SIGN
+    rng = random.Random(fn)
+    pool = [-7, -0.5, 0, 0.5, 3, 10, 40, "a", "b", True, None]
+    signed = checked = 0
+    for op, value, to in [("gt", 9, None), ("gte", 0, None), ("lt", 5, None),
+                          ("lte", 0, None), ("eq", 3, None), ("between", 1, 20),
+                          ("gt", -3, None), ("lt", -1, None)]:
+        for absent in (False, True):
+            compare = {"op": op, "value": value, **({"to": to} if to is not None else {})}
+            body = {"name": "a", "rules": [{
+                "kind": "aggregate", "event": "buy", "fn": fn, "property": "price",
+                "compare": compare, "include_absent": absent, "window": {"last": "2d"}}]}
+            for _ in range(15):
+                system = System("s", "k", "s", NOW)
+                c = compile_definition(parse_definition(body, NOW, lambda s: True),
+                                       system.atoms)
+                (a, sign), = c.signs.items()
+                if not sign:
+                    break
+                signed += 1
+                u = UserActor("u")
+                ActorCtx(u, system).m(a)
+                instants = [NOW + rng.randrange(-3 * DAY, 2 * DAY) for _ in range(6)]
+                for _ in range(12):
+                    ts = NOW - rng.randrange(4 * DAY)
+                    props = {"price": rng.choice(pool)}
+                    at = instants + [ts, ts + 1]
+                    before = [c.root.eval(ActorCtx(u, system), t)[0] for t in at]
+                    u.add_event(system, ts, "buy", props, msgspec.json.encode(props), None)
+                    v, s = props["price"], sign
+                    if abs(s) == SUM_SIGN:
+                        negative = (type(v) is int or type(v) is float) and v < 0
+                        s = 0 if negative else s // SUM_SIGN
+                    if s:
+                        checked += 1
+                        after = [c.root.eval(ActorCtx(u, system), t)[0] for t in at]
+                        for b, a_ in zip(before, after):
+                            assert (a_ >= b) if s > 0 else (a_ <= b), (fn, compare, absent, v)
+    assert fn == "avg" or checked >= 200, (signed, checked)

@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 from sortedcontainers import SortedSet
 
-from segactors.actor import ActorCtx, UserActor
+from segactors.actor import ActorCtx, UserActor, props_of
 from segactors.definition import Definition
 from segactors.rules.compile import AtomRegistry, CompiledSegment, compile_builtin
 from segactors.rules.evaluate import ALL_SESSIONS, NEVER, SessionState, Veto, needs_event
@@ -422,7 +422,8 @@ class System:
                         continue
                     if sign or vetoes is not None:
                         member = s.members.has(uid)
-                        if sign and member == (sign > 0):
+                        if sign and member == (sign > 0) and (
+                                -1 <= sign <= 1 or self._adds_no_negative(a, props, raw)):
                             if sid is not None and s.compiled.session_scope:
                                 _stale(u, s, sid)
                             continue
@@ -448,6 +449,15 @@ class System:
             segs = found.values()
         nxt = self._evaluate(u, segs, now, now, out, dirty=ALL_SESSIONS if new else sid)
         self._schedule(u, min(nxt, later), fresh=new)
+
+    def _adds_no_negative(self, atom: int, props: dict[str, Any] | None,
+                          raw: bytes | None) -> bool:
+        """Whether an event adds to the sums of ``atom`` (whose sign is ``SUM_SIGN`` times
+        +1 or -1) a non-negative number or nothing."""
+        if props is None:
+            props = props_of(raw)
+        v = props.get(self.atoms.by_id[atom].value_prop)  # type: ignore[arg-type]
+        return not ((type(v) is int or type(v) is float) and v < 0)
 
     def apply_profile(self, uid: str, props: dict[str, Any], now: int,
                       out: list[Change]) -> None:

@@ -166,6 +166,27 @@ def _past_zero(holds: Callable[[int], bool], c: d.Compare | UnsetType) -> bool |
     return past.pop() if len(past) == 1 else None
 
 
+def _aggregate_sign(fn: str, op: str, absent: bool, cmp: ev.Cmp, c: d.Compare) -> int:
+    """An aggregate rule's sign (see ``_Compiler.atom``). More events can only add distinct
+    values, raise a max, lower a min, and raise a sum when each adds a non-negative number
+    or none (``SUM_SIGN``, checked per event); averages move either way. The value before
+    any (``absent``) must be where the rule starts from: failing if more can only make it
+    hold, holding if more can only make it fail."""
+    if fn == "distinct":
+        return _count_sign(lambda n: absent if n == 0 else cmp(n), c)
+    if fn == "avg" or op not in ("gt", "gte", "lt", "lte"):
+        return 0
+    more = (op in ("gt", "gte")) == (fn != "min")  # Whether more events can only help.
+    if absent == more:
+        return 0
+    sign = 1 if more else -1
+    return sign * SUM_SIGN if fn == "sum" else sign
+
+
+# A sign times this: only for an event whose value is a non-negative number or none.
+SUM_SIGN = 2
+
+
 def _reads_events(node: ev.Node) -> bool:
     return not isinstance(node, (ev.Profile, ev.ProfileTime, ev.InSegment, ev.Always))
 
@@ -186,7 +207,8 @@ class CompiledSegment:
     # segment only at instants before ``ts + horizon`` (None: at any later instant).
     atoms: dict[int, int | None] = field(default_factory=dict)
     # Each atom's sign: +1 when more events of it can only make the segment hold (at every
-    # instant), -1 when they can only make it fail, 0 when either (or unknown).
+    # instant), -1 when they can only make it fail, 0 when either (or unknown); +-SUM_SIGN
+    # as +-1, for an event that adds a non-negative number or none to its sums.
     signs: dict[int, int] = field(default_factory=dict)
     profile_props: set[str] = field(default_factory=set)
     refs: set[str] = field(default_factory=set)
@@ -290,9 +312,7 @@ class _Compiler:
             cmp = ev.compile_compare(c.op, c.value, None if isinstance(c.to, UnsetType) else c.to)
             win = self.win(r.window)
             absent = r.include_absent
-            # More events can only add distinct values; sums, averages... move either way.
-            sign = 0 if r.fn != "distinct" else _count_sign(
-                lambda n: absent if n == 0 else cmp(n), c)
+            sign = _aggregate_sign(r.fn, c.op, absent, cmp, c)
             return ev.Aggregate(self.atom(r.event, r.where, win.last, sign, r.property), win,
                                 r.fn, cmp, absent)
         if isinstance(r, d.FirstDid):
