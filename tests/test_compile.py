@@ -368,3 +368,20 @@ def test_an_aggregate_with_a_sign_moves_only_that_way_whatever_its_values(fn: st
                         for b, a_ in zip(before, after):
                             assert (a_ >= b) if s > 0 else (a_ <= b), (fn, compare, absent, v)
     assert fn == "avg" or checked >= 200, (signed, checked)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_windows_span_and_next_crossing_at_once_equal_each_apart(seed: int) -> None:
+    # `span_next` makes each bisection once; `span` and `next` make them apart.
+    from array import array
+
+    from segactors.rules.evaluate import Window
+    rng = random.Random(seed)
+    for _ in range(300):
+        ts = array("q", sorted(rng.randrange(0, 50) * MIN for _ in range(rng.randrange(8))))
+        lo, hi = sorted(rng.sample(range(0, 50 * MIN, MIN), 2))
+        for w in (Window(last=rng.randrange(1, 20) * MIN), Window(), Window(lo=lo),
+                  Window(hi=hi), Window(lo=lo, hi=hi)):
+            for now in (rng.randrange(-5, 55) * MIN, *ts[:2]):
+                assert w.span_next(ts, now) == (*w.span(ts, now), w.next(ts, now)), (
+                    list(ts), w.last, w.lo, w.hi, now)

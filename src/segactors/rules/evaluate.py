@@ -153,7 +153,12 @@ class Window:
             return i, max(i, j), nxt
         i = bisect_right(ts, now - last)
         j = bisect_right(ts, now)
-        return i, j, crossing_from(ts, (j, i), (0, last))
+        # crossing_from(ts, (j, i), (0, last)), spelled out: it runs on most evaluations.
+        n = len(ts)
+        nxt = ts[j] if j < n else NEVER
+        if i < n and ts[i] + last < nxt:
+            nxt = ts[i] + last
+        return i, j, nxt
 
     def contains(self, t: int, now: int) -> bool:
         if t > now:
