@@ -153,12 +153,17 @@ class UserActor:
         """
         name = intern(name)
         if sid is not None:
-            sid = self.same_sid(sid)
-        self.append(ts, name, raw, sid)
-        if sid is not None and self.sessions is not None:
-            first = self.sessions.get(sid)
-            if first is None or ts < first:
-                self.sessions[sid] = ts
+            same = self.same_sid(sid)
+            # After the latest event, of the same session: that session started no later.
+            started = same is not sid and self.ts[-1] <= ts
+            sid = same
+            self.append(ts, name, raw, sid)
+            if not started and self.sessions is not None:
+                first = self.sessions.get(sid)
+                if first is None or ts < first:
+                    self.sessions[sid] = ts
+        else:
+            self.append(ts, name, raw, sid)
         changed = []
         registry = system.atoms
         matches = self.matches
