@@ -746,7 +746,7 @@ class SessionState:
         self.res: dict[str, Result] = {}
         self.holding = 0
         self.heap: list[tuple[int, str]] = []
-        self.later: dict[str, None] | None = None  # In the order met.
+        self.later: list[str] | None = None
 
     def set(self, sid: str, r: Result) -> None:
         old = self.res.get(sid)
@@ -763,9 +763,13 @@ class SessionState:
 
     def wait(self, sid: str) -> None:
         """Evaluate ``sid`` at the next evaluation, or the first after it has started."""
-        if self.later is None:
-            self.later = {}
-        self.later[sid] = None
+        # Not searched (that cost more than it saved): a run of one session's events adds
+        # it once, and a session listed twice is evaluated twice.
+        later = self.later
+        if later is None:
+            self.later = [sid]
+        elif later[-1] != sid:
+            later.append(sid)
 
     def next(self) -> int:
         heap, res = self.heap, self.res
