@@ -75,6 +75,7 @@ def isolated(fn: Callable[..., dict[str, Any]], *args: Any, **kw: Any) -> dict[s
     except EOFError:
         pass
     finally:
+        proc.join(timeout=60 if answer is not None else 0)  # It ends on its own once done.
         if proc.is_alive():
             proc.terminate()
         proc.join()
