@@ -152,18 +152,17 @@ class UserActor:
         ``props`` is the decoded form of ``raw``, or None to decode it only if needed.
         """
         name = intern(name)
+        started = True  # Whether the event's session (if any) started no later than it.
         if sid is not None:
             same = self.same_sid(sid)
             # After the latest event, of the same session: that session started no later.
             started = same is not sid and self.ts[-1] <= ts
             sid = same
-            self.append(ts, name, raw, sid)
-            if not started and self.sessions is not None:
-                first = self.sessions.get(sid)
-                if first is None or ts < first:
-                    self.sessions[sid] = ts
-        else:
-            self.append(ts, name, raw, sid)
+        self.append(ts, name, raw, sid)
+        if not started and self.sessions is not None:
+            first = self.sessions.get(sid)  # type: ignore[arg-type]
+            if first is None or ts < first:
+                self.sessions[sid] = ts  # type: ignore[index]
         changed = []
         registry = system.atoms
         matches = self.matches
