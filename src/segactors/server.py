@@ -27,8 +27,9 @@ from segactors.errors import Conflict, Invalid, NotFound
 from segactors.hub import Hub
 from segactors.webhooks import Deliverer, Webhook, check_url
 from segactors.rules.compile import AtomRegistry, compile_definition
+from segactors.idset import IdSet
 from segactors.store import (CLOCK, ENTER, INSERT_CHANGE, INSERT_EVENT, INSERT_PROFILE, LEAVE, Op,
-                              Store, column, columns, rows)
+                              Store, column, columns, rows, utf8_column)
 from segactors.supervisor import Change, Segment, Status, System, load_events, new_key
 from segactors.timefmt import MAX_TS, MIN_TS, parse_ts
 from segactors.wire import EventIn, ProfileIn
@@ -147,13 +148,18 @@ class Server:
             top_profile = con.execute("SELECT max(rowid) FROM profiles").fetchone()[0] or 0
             top_id = con.execute("SELECT max(rowid) FROM event_ids").fetchone()[0] or 0
             only = next(iter(self.systems.values())) if len(self.systems) == 1 else None
+            if only is not None:
+                only.event_ids = IdSet(expect=top_id)  # Room for them all: no split.
             # A slice like the events' (tens of ms): reads are served in between.
             for lo in range(0, top_id, step):
                 hi = min(top_id, lo + step)
                 if only is not None:  # Half the reading: no system column.
-                    only.event_ids.update(column(
-                        con, "FROM event_ids WHERE rowid > ? AND rowid <= ? AND system = ?",
-                        "id", lo, hi, only.id))
+                    where = "FROM event_ids WHERE rowid > ? AND rowid <= ? AND system = ?"
+                    keys = utf8_column(con, where, "id", lo, hi, only.id)
+                    if keys is not None:
+                        only.event_ids.load(keys)
+                    else:
+                        only.event_ids.update(column(con, where, "id", lo, hi, only.id))
                 else:
                     sids, ids = columns(con, "FROM event_ids WHERE rowid > ? AND rowid <= ?",
                                         ["system", "id"], lo, hi)
@@ -344,16 +350,12 @@ class Server:
             stamped.append(ts)
         fresh: list[tuple[EventIn, int]] = []
         ids = system.event_ids
-        add, known = ids.add, len(ids)
+        add = ids.add
         for e, ts in zip(items, stamped):
             eid = e.id
-            if eid is not None:
-                # Reserved now, so a concurrent request sees it as a duplicate. One lookup:
-                # the set grows unless the id was in it.
-                add(eid)
-                if len(ids) == known:
-                    continue
-                known += 1
+            # Reserved now, so a concurrent request sees it as a duplicate.
+            if eid is not None and not add(eid):
+                continue
             fresh.append((e, ts))
         if not self.ready.is_set():
             if fresh:
@@ -363,7 +365,9 @@ class Server:
                     await self._defer(partial(self._apply_events, system, fresh, False, raws),
                                       [(INSERT_EVENT, rows_)])
                 except Exception:
-                    ids.difference_update(e.id for e, _ in fresh)  # Not stored: not seen.
+                    for e, _ in fresh:  # Not stored: not seen.
+                        if e.id is not None:
+                            ids.discard(e.id)
                     raise
             return len(fresh), len(items) - len(fresh)
         # Events are applied, then committed together with the changes they cause, in

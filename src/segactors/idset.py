@@ -1,0 +1,162 @@
+"""A set of strings (a system's accepted event ids), exact, in a tenth of a set's memory.
+
+A Python ``set`` of short strings costs about 100 bytes per id (the string object and its
+slot); this costs about 14. Ids are kept as UTF-8 bytes in buckets, each bucket one bytes
+object of NUL-terminated ids after a NUL (``b"\\0a\\0bc\\0"``), so an id is in a bucket
+when ``b"\\0" + id + b"\\0"`` is: a comparison of whole ids, never of their hashes. A
+bucket holds ~16 ids on average; buckets are split one at a time as ids come (linear
+hashing), so no add waits for all of them to be rehashed. Bucket addresses come from
+``hash()``, which is keyed per process: ids chosen to crowd one bucket cannot be
+predicted. Ids holding a NUL, or that UTF-8 cannot encode (lone surrogates), are rare and
+kept in a plain set.
+
+Costs: ``add``, ``in`` and ``discard`` take O(1) expected time, about 0.5 µs (a set's
+take ~0.1 µs); each add copies its bucket (~200 bytes).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+_EMPTY = b"\0"
+_LOAD = 16  # Ids per bucket, on average, before the next split.
+_FIRST = 256  # Buckets of an empty set (then 2 KB).
+
+
+class IdSet:
+    __slots__ = ("_buckets", "_level", "_split", "_n", "_odd")
+
+    def __init__(self, expect: int = 0) -> None:
+        """An empty set with room for ``expect`` ids before its first split."""
+        level = _FIRST
+        while level * _LOAD < expect:
+            level *= 2
+        self._buckets = [_EMPTY] * level
+        self._level = level  # Buckets before this round of splits (a power of two).
+        self._split = 0  # The next bucket to split; those before it are split.
+        self._n = 0  # Ids in buckets.
+        self._odd: set[str] = set()
+
+    def __len__(self) -> int:
+        return self._n + len(self._odd)
+
+    def _index(self, h: int) -> int:
+        i = h & (self._level - 1)
+        return h & (2 * self._level - 1) if i < self._split else i
+
+    def add(self, eid: str) -> bool:
+        """Add ``eid``; True if it was not in the set."""
+        if "\0" in eid:
+            return self._add_odd(eid)
+        try:
+            k = eid.encode()
+        except UnicodeEncodeError:
+            return self._add_odd(eid)
+        h = hash(k)
+        i = h & (self._level - 1)
+        if i < self._split:
+            i = h & (2 * self._level - 1)
+        k += b"\0"
+        b = self._buckets
+        bucket = b[i]
+        if b"\0" + k in bucket:
+            return False
+        b[i] = bucket + k
+        self._n += 1
+        if self._n > _LOAD * len(b):
+            self._grow()
+        return True
+
+    def _add_odd(self, eid: str) -> bool:
+        n = len(self._odd)
+        self._odd.add(eid)
+        return len(self._odd) > n
+
+    def __contains__(self, eid: object) -> bool:
+        if not isinstance(eid, str):
+            return False
+        k = self._key(eid)
+        if k is None:
+            return eid in self._odd
+        return b"\0" + k + b"\0" in self._buckets[self._index(hash(k))]
+
+    def discard(self, eid: str) -> None:
+        """Remove ``eid`` if it is in the set."""
+        k = self._key(eid)
+        if k is None:
+            self._odd.discard(eid)
+            return
+        i = self._index(hash(k))
+        needle = b"\0" + k + b"\0"
+        bucket = self._buckets[i]
+        if needle in bucket:
+            self._buckets[i] = bucket.replace(needle, b"\0", 1)
+            self._n -= 1
+
+    def update(self, eids: Iterable[str]) -> None:
+        for eid in eids:
+            self.add(eid)
+
+    def load(self, keys: list[bytes]) -> None:
+        """Add ids not in the set, as UTF-8 without NUL, in bulk (a restart's stored ids):
+        ~0.3 µs each, one bucket copy per bucket touched rather than per id."""
+        level, split = self._level, self._split
+        low, high = level - 1, 2 * level - 1
+        parts: defaultdict[int, list[bytes]] = defaultdict(list)
+        for k, h in zip(keys, map(hash, keys)):
+            i = h & low
+            parts[h & high if i < split else i].append(k)
+        b = self._buckets
+        for i, got in parts.items():
+            got.append(b"")
+            b[i] += b"\0".join(got)
+        self._n += len(keys)
+        while self._n > _LOAD * len(b):
+            self._grow()
+
+    @staticmethod
+    def _key(eid: str) -> bytes | None:
+        if "\0" in eid:
+            return None
+        try:
+            return eid.encode()
+        except UnicodeEncodeError:
+            return None
+
+    def _grow(self) -> None:
+        """Split the next bucket in two: its ids stay or move to a new last bucket, by one
+        more bit of their hash."""
+        b, s, level = self._buckets, self._split, self._level
+        old = b[s]
+        if old == _EMPTY:
+            b.append(_EMPTY)
+        else:
+            high = 2 * level - 1
+            keep, move = [b""], [b""]
+            for k in old[1:-1].split(b"\0"):
+                (keep if hash(k) & high == s else move).append(k)
+            b[s] = b"\0".join(keep) + b"\0" if len(keep) > 1 else _EMPTY
+            b.append(b"\0".join(move) + b"\0" if len(move) > 1 else _EMPTY)
+        s += 1
+        if s == level:
+            self._level, s = 2 * level, 0
+        self._split = s
+
+    def _check(self) -> None:
+        """Invariants: every id in the bucket its hash addresses, once; the count right."""
+        b = self._buckets
+        assert len(b) == self._level + self._split and self._split < self._level
+        n = 0
+        for i, bucket in enumerate(b):
+            assert bucket[:1] == b"\0" and bucket[-1:] == b"\0"
+            if bucket == _EMPTY:
+                continue
+            keys = bucket[1:-1].split(b"\0")
+            assert len(set(keys)) == len(keys)
+            for k in keys:
+                assert self._index(hash(k)) == i
+            n += len(keys)
+        assert n == self._n
+        for eid in self._odd:
+            assert self._key(eid) is None
