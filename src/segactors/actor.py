@@ -41,8 +41,8 @@ def _drop_before(m: Matches, cutoff: int) -> None:
     k = bisect_left(m.ts, cutoff)
     if k > 1:
         del m.ts[1:k]
-        m.epoch += 1
         if m.vals is not None:
+            m.epoch += 1
             del m.vals[1:k]
 
 

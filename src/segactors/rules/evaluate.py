@@ -28,36 +28,49 @@ class Matches:
     """The events of one user that passed one atom, sorted by ``ts`` (ties keep arrival order).
 
     ``ts`` is an ``array('q')`` (8 bytes a match). Insert is O(n) in the worst case and
-    O(1) for in-order arrivals. An
-    atom of a session-scope segment also keeps one ``Matches`` per session (``by_sid``), so
-    a session's view costs a dict lookup.
+    O(1) for in-order arrivals. An atom that reads a value keeps the values too
+    (``vals``); an atom of a session-scope segment also keeps one ``Matches`` per session
+    (``by_sid``), so a session's view costs a dict lookup. ``Matches(with_vals,
+    with_sids)`` is of the subclass with room for just those: most atoms need neither, and
+    their object is 40 bytes, not 80.
     """
 
-    __slots__ = ("ts", "vals", "by_sid", "epoch", "moved", "moves")
+    __slots__ = ("ts",)
+    # Read on every kind; set only on the subclasses that have them.
+    vals: list[Any] | None = None
+    by_sid: dict[str, Matches] | None = None
+    # Running aggregates over index ranges (AggState) follow the values: a prune bumps
+    # `epoch` (they start over); an insert before the end counts in `moved`, and the last
+    # few are kept in `moves` as (index, value) to replay.
+    epoch = 0
+    moved = 0
+    moves: list[tuple[int, Any]] | None = None
 
-    def __init__(self, with_vals: bool, with_sids: bool) -> None:
+    def __new__(cls, with_vals: bool = False, with_sids: bool = False) -> Matches:
+        return object.__new__(_KINDS[with_vals, with_sids] if cls is Matches else cls)
+
+    def __init__(self, with_vals: bool = False, with_sids: bool = False) -> None:
         self.ts: array[int] = array("q")
-        self.vals: list[Any] | None = [] if with_vals else None
-        self.by_sid: dict[str, Matches] | None = {} if with_sids else None
-        # Running aggregates over index ranges (AggState) follow the entries: a prune
-        # bumps `epoch` (they start over); an insert before the end counts in `moved`, and
-        # with values the last few are kept in `moves` as (index, value) to replay.
-        self.epoch = 0
-        self.moved = 0
-        self.moves: list[tuple[int, Any]] | None = None
+        if with_vals:
+            self.vals = []
+            self.epoch = self.moved = 0
+            self.moves = None
+        if with_sids:
+            self.by_sid = {}
 
     def insert(self, ts: int, val: Any, sid: str | None) -> None:
         ts_list = self.ts
+        vals = self.vals
         if not ts_list or ts_list[-1] <= ts:
             ts_list.append(ts)
-            if self.vals is not None:
-                self.vals.append(val)
+            if vals is not None:
+                vals.append(val)
         else:
             i = bisect_right(ts_list, ts)
             ts_list.insert(i, ts)
-            self.moved += 1
-            if self.vals is not None:
-                self.vals.insert(i, val)
+            if vals is not None:
+                vals.insert(i, val)
+                self.moved += 1
                 moves = self.moves
                 if moves is None:
                     moves = self.moves = []
@@ -67,7 +80,7 @@ class Matches:
         if self.by_sid is not None and sid is not None:
             sub = self.by_sid.get(sid)
             if sub is None:
-                sub = self.by_sid[sid] = Matches(self.vals is not None, False)
+                sub = self.by_sid[sid] = Matches(vals is not None, False)
             sub.insert(ts, val, None)
 
     def only_session(self, sid: str) -> Matches:
@@ -79,6 +92,23 @@ class Matches:
         assert self.vals is None or len(self.vals) == len(self.ts)
         if self.by_sid is not None:
             assert sum(len(m.ts) for m in self.by_sid.values()) <= len(self.ts)
+
+
+class _Valued(Matches):
+    __slots__ = ("vals", "epoch", "moved", "moves")
+
+
+class _BySession(Matches):
+    __slots__ = ("by_sid",)
+
+
+class _ValuedBySession(_Valued):
+    __slots__ = ("by_sid",)
+
+
+_KINDS: dict[tuple[bool, bool], type[Matches]] = {
+    (False, False): Matches, (True, False): _Valued, (False, True): _BySession,
+    (True, True): _ValuedBySession}
 
 
 EMPTY = Matches(False, False)
