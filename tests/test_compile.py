@@ -17,7 +17,7 @@ import pytest
 from segactors.actor import ActorCtx, UserActor
 from segactors.definition import parse_definition
 from segactors.rules.compile import AtomRegistry, CompiledSegment, compile_definition
-from segactors.rules.evaluate import needs_event
+from segactors.rules.evaluate import needs_event, shared
 from segactors.supervisor import System
 from gen import NAMES, PROFILE_PROPS, DefGen, gen_profile_value, gen_props
 
@@ -385,3 +385,36 @@ def test_a_windows_span_and_next_crossing_at_once_equal_each_apart(seed: int) ->
             for now in (rng.randrange(-5, 55) * MIN, *ts[:2]):
                 assert w.span_next(ts, now) == (*w.span(ts, now), w.next(ts, now)), (
                     list(ts), w.last, w.lo, w.hi, now)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_kept_values_are_shared_only_with_equal_values_of_the_same_type(seed: int) -> None:
+    rng = random.Random(seed)
+    pool: list[Any] = [0, 0.0, -0.0, 1, 1.0, True, False, "", "1", 2**70, -(2**70), 1e300,
+                       "x" * 65, None, [1], {"a": 1}]
+    seen: dict[tuple[type, str], Any] = {}
+    for _ in range(5_000):
+        r = rng.random()
+        v = (rng.choice(pool) if r < 0.3 else
+             rng.randrange(-5, 5) if r < 0.5 else
+             round(rng.uniform(-3, 3), 1) if r < 0.7 else
+             rng.choice(["EUR", "USD", "sku-1"]) + "".join(rng.choice("ab") for _ in range(2)))
+        # A fresh object equal to v, as decoding another event's props would give.
+        fresh = msgspec.json.decode(msgspec.json.encode(v))
+        got = shared(fresh)
+        assert type(got) is type(v) and got == v and repr(got) == repr(v), (seed, v, got)
+        key = (type(v), repr(v))
+        if key in seen and isinstance(v, (int, float, str)) and v and len(repr(v)) < 60:
+            assert got is seen[key], (seed, v)  # One copy of a common value.
+        seen.setdefault(key, got)
+
+
+def test_the_table_of_shared_values_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import segactors.rules.evaluate as ev
+    monkeypatch.setattr(ev, "_SHARED", {float: {}, int: {}, str: {}})
+    monkeypatch.setattr(ev, "_SHARED_MAX", 100)
+    for i in range(1_000):
+        shared(i + 0.5)
+    assert len(ev._SHARED[float]) == 100
+    late = float("5000.5")
+    assert shared(late) is late and shared(float("5000.5")) is not late  # Not kept.

@@ -61,6 +61,8 @@ class Matches:
     def insert(self, ts: int, val: Any, sid: str | None) -> None:
         ts_list = self.ts
         vals = self.vals
+        if vals is not None:
+            val = shared(val)
         if not ts_list or ts_list[-1] <= ts:
             ts_list.append(ts)
             if vals is not None:
@@ -92,6 +94,26 @@ class Matches:
         assert self.vals is None or len(self.vals) == len(self.ts)
         if self.by_sid is not None:
             assert sum(len(m.ts) for m in self.by_sid.values()) <= len(self.ts)
+
+
+# One copy of each common value that atoms keep (prices, SKUs, currencies repeat): a
+# bounded table per type, so 1 and 1.0 stay apart, and unique values cost only themselves.
+_SHARED: dict[type, dict[Any, Any]] = {float: {}, int: {}, str: {}}
+_SHARED_MAX = 65_536
+
+
+def shared(val: Any) -> Any:
+    """``val``, or an equal object of the same type kept before. Zeros are not shared,
+    so that -0.0 stays -0.0."""
+    table = _SHARED.get(type(val))
+    if table is None or not val:
+        return val
+    got = table.get(val)
+    if got is not None:
+        return got
+    if len(table) < _SHARED_MAX and (type(val) is not str or len(val) <= 64):
+        table[val] = val
+    return val
 
 
 class _Valued(Matches):
