@@ -150,10 +150,10 @@ def test_running_aggregates_equal_a_direct_computation_over_any_ranges(seed: int
     computing over the range directly (sums exact), for sum, avg and distinct."""
     import random
 
-    from segactors.rules.evaluate import AggState, Matches, _aggregate
+    from segactors.rules.evaluate import AggState, _aggregate, new_matches
 
     rng = random.Random(seed)
-    m = Matches(True, False)
+    m = new_matches(True)
     pool = [0.1, 0.2, 0.3, 1e16, -1e16, 3, 7, "a", "b", True, None, 2.5, -0.1]
     for t in range(200):
         m.insert(10 * t, rng.choice(pool), None)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from segactors.rules.evaluate import (
-    ALL_SESSIONS, EMPTY, NEVER, AggState, SessionState, Matches, seen_props, unanswered, unanswered_add_a, unanswered_add_not,
+    ALL_SESSIONS, EMPTY, NEVER, AggState, SessionState, Matches, new_matches, seen_props, unanswered, unanswered_add_a, unanswered_add_not,
 )
 
 if TYPE_CHECKING:
@@ -191,7 +191,7 @@ class UserActor:
                 if good is None and pair.id >= self.born:
                     continue  # Built lazily when first read.
                 if good is None or good is EMPTY:
-                    good = matches[pair.id] = Matches(False, False)
+                    good = matches[pair.id] = new_matches()
                 if pair.not_ == aid:
                     unanswered_add_not(good.ts, ts, pair.within)
                 if pair.a == aid:
@@ -329,7 +329,7 @@ class ActorCtx:
             return EMPTY.ts
         if got is None:
             pair = self.system.atoms.by_id[pair_id]
-            got = Matches(False, False)
+            got = new_matches()
             got.ts = array("q", unanswered(self.m(pair.a).ts, self.m(pair.not_).ts, pair.within))
             self._kept[pair_id] = got if got.ts else EMPTY
         return got.ts

@@ -31,7 +31,7 @@ class Atom:
     needles: tuple[bytes, ...] | None = None
 
     def new_matches(self) -> ev.Matches:
-        return ev.Matches(self.value_prop is not None, self.with_sids)
+        return ev.new_matches(self.value_prop is not None, self.with_sids)
 
     def record(self, m: ev.Matches, ts: int, props: dict[str, Any], sid: str | None) -> None:
         """Insert the event into ``m`` when it passes this atom's filter."""

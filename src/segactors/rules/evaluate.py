@@ -16,7 +16,9 @@ import math
 from array import array
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Mapping, MutableSequence, Sequence
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
+
+import msgspec
 
 from segactors.rules.filters import Predicate, eq_key
 from segactors.timefmt import format_ts, parse_rfc3339
@@ -24,39 +26,28 @@ from segactors.timefmt import format_ts, parse_rfc3339
 NEVER = 1 << 62
 
 
-class Matches:
+class Matches(msgspec.Struct, gc=False):
     """The events of one user that passed one atom, sorted by ``ts`` (ties keep arrival order).
 
     ``ts`` is an ``array('q')`` (8 bytes a match). Insert is O(n) in the worst case and
     O(1) for in-order arrivals. An atom that reads a value keeps the values too
     (``vals``); an atom of a session-scope segment also keeps one ``Matches`` per session
-    (``by_sid``), so a session's view costs a dict lookup. ``Matches(with_vals,
-    with_sids)`` is of the subclass with room for just those: most atoms need neither, and
-    their object is 40 bytes, not 80.
+    (``by_sid``), so a session's view costs a dict lookup. ``new_matches(with_vals,
+    with_sids)`` makes one of the subclass with room for just those: most atoms need
+    neither, and their object is 24 bytes (a C struct the collector does not track: it
+    refers to no object that could refer back to it).
     """
 
-    __slots__ = ("ts",)
-    # Read on every kind; set only on the subclasses that have them.
-    vals: list[Any] | None = None
-    by_sid: dict[str, Matches] | None = None
+    ts: array[int]
+    # Read on every kind; fields only of the subclasses that have them.
+    vals: ClassVar[list[Any] | None] = None
+    by_sid: ClassVar[dict[str, Matches] | None] = None
     # Running aggregates over index ranges (AggState) follow the values: a prune bumps
     # `epoch` (they start over); an insert before the end counts in `moved`, and the last
     # few are kept in `moves` as (index, value) to replay.
-    epoch = 0
-    moved = 0
-    moves: list[tuple[int, Any]] | None = None
-
-    def __new__(cls, with_vals: bool = False, with_sids: bool = False) -> Matches:
-        return object.__new__(_KINDS[with_vals, with_sids] if cls is Matches else cls)
-
-    def __init__(self, with_vals: bool = False, with_sids: bool = False) -> None:
-        self.ts: array[int] = array("q")
-        if with_vals:
-            self.vals = []
-            self.epoch = self.moved = 0
-            self.moves = None
-        if with_sids:
-            self.by_sid = {}
+    epoch: ClassVar[int] = 0
+    moved: ClassVar[int] = 0
+    moves: ClassVar[list[tuple[int, Any]] | None] = None
 
     def insert(self, ts: int, val: Any, sid: str | None) -> None:
         ts_list = self.ts
@@ -82,7 +73,7 @@ class Matches:
         if self.by_sid is not None and sid is not None:
             sub = self.by_sid.get(sid)
             if sub is None:
-                sub = self.by_sid[sid] = Matches(vals is not None, False)
+                sub = self.by_sid[sid] = new_matches(vals is not None)
             sub.insert(ts, val, None)
 
     def only_session(self, sid: str) -> Matches:
@@ -116,16 +107,19 @@ def shared(val: Any) -> Any:
     return val
 
 
-class _Valued(Matches):
-    __slots__ = ("vals", "epoch", "moved", "moves")
+class _Valued(Matches, gc=False):
+    vals: list[Any] = msgspec.field(default_factory=list)  # type: ignore[misc]
+    epoch: int = 0  # type: ignore[misc]
+    moved: int = 0  # type: ignore[misc]
+    moves: list[tuple[int, Any]] | None = None  # type: ignore[misc]
 
 
-class _BySession(Matches):
-    __slots__ = ("by_sid",)
+class _BySession(Matches, gc=False):
+    by_sid: dict[str, Matches] = msgspec.field(default_factory=dict)  # type: ignore[misc]
 
 
-class _ValuedBySession(_Valued):
-    __slots__ = ("by_sid",)
+class _ValuedBySession(_Valued, gc=False):
+    by_sid: dict[str, Matches] = msgspec.field(default_factory=dict)  # type: ignore[misc]
 
 
 _KINDS: dict[tuple[bool, bool], type[Matches]] = {
@@ -133,7 +127,12 @@ _KINDS: dict[tuple[bool, bool], type[Matches]] = {
     (True, True): _ValuedBySession}
 
 
-EMPTY = Matches(False, False)
+def new_matches(with_vals: bool = False, with_sids: bool = False) -> Matches:
+    """Empty ``Matches`` with room for values and per-session matches, if asked."""
+    return _KINDS[with_vals, with_sids](array("q"))
+
+
+EMPTY = new_matches()
 _MOVES_KEPT = 32
 
 
