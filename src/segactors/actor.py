@@ -9,7 +9,6 @@ from __future__ import annotations
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator, Mapping, Sequence
-from sys import intern
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -36,6 +35,20 @@ def props_of(raw: bytes | None) -> dict[str, Any]:
 # The columns of a user with no event yet: shared, replaced on the first event.
 _NONE: tuple[Any, ...] = ()
 
+# Event names as codes (4 bytes an event in a user's ``names`` column, not an 8-byte
+# pointer): one table for the process, as ``sys.intern`` keeps one.
+_CODES: dict[str, int] = {}
+NAMES: list[str] = []
+
+
+def name_code(name: str) -> int:
+    """The code of event name ``name`` (``NAMES[code] == name``), given on first use."""
+    code = _CODES.get(name)
+    if code is None:
+        code = _CODES[name] = len(NAMES)
+        NAMES.append(name)
+    return code
+
 
 def _drop_before(m: Matches, cutoff: int) -> None:
     k = bisect_left(m.ts, cutoff)
@@ -48,11 +61,11 @@ def _drop_before(m: Matches, cutoff: int) -> None:
 
 class UserActor:
     """One user's state. Its events are kept, for segments created later, as four columns
-    sorted by ``ts`` (ties in arrival order): ``ts`` (an ``array('q')``), ``names``
-    (interned), ``sids`` (shared along a session: ``same_sid``) and ``raws`` (the props as
-    the encoded JSON stored in SQLite, decoded only when a new atom is first built; None
-    when there were none).
-    About 32 bytes per event plus its props' length, when that payload is not shared.
+    sorted by ``ts`` (ties in arrival order): ``ts`` (an ``array('q')``), ``names`` (an
+    ``array('I')`` of ``name_code``), ``sids`` (shared along a session: ``same_sid``) and
+    ``raws`` (the props as the encoded JSON stored in SQLite, decoded only when a new atom
+    is first built; None when there were none).
+    About 28 bytes per event plus its props' length, when that payload is not shared.
     """
 
     __slots__ = ("uid", "props", "ts", "names", "raws", "sids", "matches", "deadline",
@@ -66,7 +79,7 @@ class UserActor:
         self.born = born
         self.props: dict[str, Any] = {}
         self.ts: array[int] | tuple[int, ...] = _NONE
-        self.names: list[str] | tuple[str, ...] = _NONE
+        self.names: array[int] | tuple[int, ...] = _NONE
         self.raws: list[bytes | None] | tuple[bytes | None, ...] = _NONE
         self.sids: list[str | None] | tuple[str | None, ...] = _NONE
         self.matches: dict[int, Matches] = {}
@@ -76,11 +89,13 @@ class UserActor:
         # aggregate rule: its running value (AggState).
         self.scache: dict[object, SessionState | AggState] | None = None
 
-    def append(self, ts: int, name: str, raw: bytes | None, sid: str | None) -> None:
-        """Store one event in ``ts`` order. O(1) in order, O(events) out of order."""
+    def append(self, ts: int, name: int, raw: bytes | None, sid: str | None) -> None:
+        """Store one event (``name``: its ``name_code``) in ``ts`` order. O(1) in order,
+        O(events) out of order."""
         col = self.ts
         if col is _NONE:
-            self.ts, self.names, self.raws, self.sids = array("q", (ts,)), [name], [raw], [sid]
+            self.ts, self.names = array("q", (ts,)), array("I", (name,))
+            self.raws, self.sids = [raw], [sid]
         elif col[-1] <= ts:
             col.append(ts)
             self.names.append(name)  # type: ignore[union-attr]
@@ -143,7 +158,7 @@ class UserActor:
 
     def events(self) -> Iterator[tuple[int, str, bytes | None, str | None]]:
         """(ts, name, raw props, session id) in ``ts`` order."""
-        return zip(self.ts, self.names, self.raws, self.sids)
+        return zip(self.ts, map(NAMES.__getitem__, self.names), self.raws, self.sids)
 
     def add_event(self, system: System, ts: int, name: str, props: dict[str, Any] | None,
                   raw: bytes | None, sid: str | None) -> list[int]:
@@ -151,14 +166,14 @@ class UserActor:
 
         ``props`` is the decoded form of ``raw``, or None to decode it only if needed.
         """
-        name = intern(name)
+        code = name_code(name)
         started = True  # Whether the event's session (if any) started no later than it.
         if sid is not None:
             same = self.same_sid(sid)
             # After the latest event, of the same session: that session started no later.
             started = same is not sid and self.ts[-1] <= ts
             sid = same
-        self.append(ts, name, raw, sid)
+        self.append(ts, code, raw, sid)
         if not started and self.sessions is not None:
             first = self.sessions.get(sid)  # type: ignore[arg-type]
             if first is None or ts < first:
@@ -218,7 +233,7 @@ class UserActor:
         if k <= 2:
             return 0
         names, raws = self.names, self.raws
-        seen: set[tuple[str, bytes | None]] = set()
+        seen: set[tuple[int, bytes | None]] = set()
         keep = []
         for i in range(k - 1):
             key = (names[i], raws[i])
@@ -230,7 +245,8 @@ class UserActor:
         if dropped:
             self.ts = array("q", [col[i] for i in keep])
             self.ts.extend(col[k:])
-            self.names = [names[i] for i in keep] + names[k:]
+            self.names = array("I", [names[i] for i in keep])
+            self.names.extend(names[k:])
             self.raws = [raws[i] for i in keep] + raws[k:]
             sids = self.sids
             self.sids = [sids[i] for i in keep] + sids[k:]
@@ -299,10 +315,11 @@ class ActorCtx:
             needles = atom.needles
             u = self.actor
             names, col, raws, sids = u.names, u.ts, u.raws, u.sids
+            code = _CODES.get(event)
             i = -1
             try:
-                while True:
-                    i = names.index(event, i + 1)  # A scan in C: most events are skipped.
+                while code is not None:
+                    i = names.index(code, i + 1)  # A scan in C: most events are skipped.
                     raw = raws[i]
                     if needles is not None and (
                             raw is None or not any(n in raw for n in needles)):

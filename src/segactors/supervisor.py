@@ -9,7 +9,6 @@ from __future__ import annotations
 import enum
 import heapq
 from bisect import insort
-from sys import intern
 import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Any
 import msgspec
 from sortedcontainers import SortedSet
 
-from segactors.actor import ActorCtx, UserActor, props_of
+from segactors.actor import ActorCtx, UserActor, name_code, props_of
 from segactors.definition import Definition
 from segactors.idset import IdSet
 from segactors.rules.compile import AtomRegistry, CompiledSegment, compile_builtin
@@ -144,7 +143,7 @@ def load_events(systems: dict[str, System],
         u = users.get(uid)
         if u is None:
             u = users[uid] = UserActor(uid)
-        name = intern(name)
+        code = name_code(name)
         if sid is not None:
             sid = u.same_sid(sid)
         if raw is not None:
@@ -152,11 +151,11 @@ def load_events(systems: dict[str, System],
         col = u.ts
         if col and col[-1] <= ts:
             col.append(ts)  # type: ignore[union-attr]
-            u.names.append(name)  # type: ignore[union-attr]
+            u.names.append(code)  # type: ignore[union-attr]
             u.raws.append(raw)  # type: ignore[union-attr]
             u.sids.append(sid)  # type: ignore[union-attr]
         else:
-            u.append(ts, name, raw, sid)
+            u.append(ts, code, raw, sid)
     if system is not None:
         system.events += count
 
