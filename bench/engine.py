@@ -57,6 +57,8 @@ def _deep(o: Any, seen: set[int]) -> int:
         n += sum(_deep(k, seen) + _deep(v, seen) for k, v in o.items())
     elif isinstance(o, (list, tuple, set, frozenset)):
         n += sum(_deep(x, seen) for x in o)
+    elif hasattr(o, "__struct_fields__"):
+        n += sum(_deep(getattr(o, k), seen) for k in o.__struct_fields__)
     elif hasattr(o, "__slots__"):
         n += sum(_deep(getattr(o, k), seen) for k in o.__slots__ if hasattr(o, k))
     return n

@@ -458,6 +458,34 @@ def test_each_rule_kind_alone_on_tie_heavy_data_matches_oracle(seed: int) -> Non
         h.compare(t)
 
 
+@pytest.mark.parametrize("seed", range(6), ids=lambda s: f"seed-{s}")
+def test_aggregates_over_many_values_a_user_match_oracle(seed: int) -> None:
+    """Aggregates only, over a few users with hundreds of events each, arriving late and out
+    of order with the clock moving and old events pruned: windows hold enough values for
+    the running sums and counts the engine keeps (beyond a few values) to be what decides."""
+    rng = random.Random(1000 + seed)
+    h = Harness(seed, "aggregates")
+    for i in range(6):
+        h.create(f"s{i}", DefGen(rng, T, []).single(f"aggregate {i}", "aggregate"), T)
+    users, events, updates = gen_world(rng, T + DAY, rng.randint(2, 4), rng.randint(500, 800),
+                                       spread=4 * DAY)
+    for uid, props in updates:
+        h.profile(uid, props, T)
+    arrivals = sorted(((max(T, min(T + DAY, e["ts"] + rng.choice(
+        [0, 0, 0, rng.randrange(HOUR, DAY), -rng.randrange(0, HOUR)]))), rng.random(), e)
+        for e in events), key=lambda x: (x[0], x[1]))
+    for i, (now, _, e) in enumerate(arrivals):
+        h.event(e, now)
+        if rng.random() < 0.1:
+            h.tick(now)
+        if rng.random() < 0.01:
+            h.prune(now, rng.choice([HOUR, DAY]))
+        if rng.random() < 0.02:
+            h.compare(now)
+    for t in sorted(set([T + DAY, T + 2 * DAY] + edge_instants(h, T + DAY, T + 4 * DAY, rng, 3))):
+        h.compare(t)
+
+
 # --- targeted cases: ties and exact edges ----------------------------------------------------
 
 

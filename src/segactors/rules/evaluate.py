@@ -317,6 +317,9 @@ def _add_exact(partials: list[float], x: float) -> None:
 _EXACT = 2 ** 53
 
 
+_RUNNING_MIN = 16  # Values in a window above which an aggregate keeps a running state.
+
+
 class AggState:
     """A running ``sum``/``avg``/``distinct`` over ``vals[i:j]`` of one ``Matches``: moving
     the range adds and removes only what entered and left, so a sliding window costs
@@ -429,7 +432,10 @@ class Aggregate(Node):
         i, j, nxt = self.win.span_next(m.ts, now)
         value = None
         if m.vals is not None and i < j:
-            state = ctx.agg_state(self) if self.fn in ("sum", "avg", "distinct") else None
+            # A running state pays off over many values; a few are aggregated directly, and
+            # then no state is kept (most users have few).
+            state = (ctx.agg_state(self) if j - i > _RUNNING_MIN
+                     and self.fn in ("sum", "avg", "distinct") else None)
             if state is not None:
                 value = state.value(self.fn, m, i, j)
             else:
