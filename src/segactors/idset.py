@@ -16,8 +16,9 @@ take ~0.1 µs); each add copies its bucket (~200 bytes).
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable
+from itertools import repeat
+from operator import add
 
 _EMPTY = b"\0"
 _LOAD = 16  # Ids per bucket, on average, before the next split.
@@ -100,17 +101,15 @@ class IdSet:
 
     def load(self, keys: list[bytes]) -> None:
         """Add ids not in the set, as UTF-8 without NUL, in bulk (a restart's stored ids):
-        ~0.3 µs each, one bucket copy per bucket touched rather than per id."""
-        level, split = self._level, self._split
-        low, high = level - 1, 2 * level - 1
-        parts: defaultdict[int, list[bytes]] = defaultdict(list)
-        for k, h in zip(keys, map(hash, keys)):
-            i = h & low
-            parts[h & high if i < split else i].append(k)
-        b = self._buckets
-        for i, got in parts.items():
-            got.append(b"")
-            b[i] += b"\0".join(got)
+        ~0.3 µs each, hashes and addresses computed in C."""
+        b, level = self._buckets, self._level
+        if self._split:
+            for k in keys:
+                b[self._index(hash(k))] += k + b"\0"
+        else:  # Only the low bits address a bucket.
+            for i, k in zip(map((level - 1).__and__, map(hash, keys)),
+                            map(add, keys, repeat(b"\0"))):
+                b[i] += k
         self._n += len(keys)
         while self._n > _LOAD * len(b):
             self._grow()
