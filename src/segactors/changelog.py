@@ -35,7 +35,7 @@ class ChangeLog:
         self.published = 0  # Highest seq durable and pushed; readers see up to here.
 
     def restore(self, changes: list[Change]) -> None:
-        """Append stored changes (in ``seq`` order, contiguous) at start-up."""
+        """Append stored changes (in ``seq`` order) at start-up."""
         if not changes:
             return
         if not self._segs and not self._start:
@@ -44,17 +44,34 @@ class ChangeLog:
         self.published = self.last_seq
 
     def extend(self, changes: list[Change]) -> None:
-        """Append changes whose seqs follow the last one's."""
+        """Append changes (in ``seq`` order). Seqs follow one another; where they do not
+        (changes whose commit failed were never stored), what came before the gap is
+        dropped: a reader from before it is told to re-list (``Gone``)."""
         if not changes:
             return
-        if not self._segs:
-            self._first = changes[0].seq
+        first = changes[0].seq
+        if changes[-1].seq - first != len(changes) - 1:  # A gap inside: keep what follows.
+            k = len(changes) - 1
+            while changes[k - 1].seq == changes[k].seq - 1:
+                k -= 1
+            first, changes = changes[k].seq, changes[k:]
+            self._drop_all(first)
+        elif not self._segs:
+            self._first = first
+        elif first != self._first + len(self._segs):
+            self._drop_all(first)
         self._segs.extend([c.segment for c in changes])
         self._uids.extend([c.user_id for c in changes])
         self._enter.extend([c.change == "enter" for c in changes])
         self._at.extend([c.at for c in changes])
         self.last_seq = changes[-1].seq
-        assert self.last_seq == self._first + len(self._segs) - 1, "seqs not contiguous"
+
+    def _drop_all(self, first: int) -> None:
+        """Forget every change kept; the next one appended has seq ``first``."""
+        del self._segs[:], self._uids[:], self._enter[:], self._at[:]
+        self._start = 0
+        self._first = first
+        self.dropped_upto = max(self.dropped_upto, first - 1)
 
     def mark_published(self, seq: int) -> None:
         if seq > self.published:
