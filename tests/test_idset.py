@@ -77,3 +77,35 @@ def test_room_for_the_expected_ids_means_no_split_while_they_come() -> None:
     got.load([b"%d" % i for i in range(100_000)])
     assert (got._level, got._split) == (level, 0)
     got._check()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_staged_ids_count_at_once_and_move_into_buckets_between_other_calls(seed: int) -> None:
+    rng = random.Random(200 + seed)
+    pool: list[str] = []
+    stored = list(dict.fromkeys(gen_id(rng, pool) for _ in range(3_000)))
+    got = IdSet(expect=len(stored) // rng.choice([1, 8]))
+    got.stage(stored[:1_000])
+    got.stage(stored[1_000:])
+    want = set(stored)
+    assert len(got) == len(want)
+    done = False
+    for step in range(8_000):
+        eid = gen_id(rng, stored)
+        op = rng.random()
+        if op < 0.5:
+            assert got.add(eid) is (eid not in want), (seed, step, eid)
+            want.add(eid)
+        elif op < 0.6:
+            got.discard(eid)
+            want.discard(eid)
+        elif op < 0.8:
+            assert (eid in got) is (eid in want), (seed, step, eid)
+        elif not done:
+            done = got.unstage(rng.choice([1, 50, 400]))
+        assert len(got) == len(want)
+        if step % 500 == 0:
+            got._check()
+    assert done and got._staged is None
+    got._check()
+    assert all((eid in got) is (eid in want) for eid in stored)

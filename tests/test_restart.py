@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -378,3 +379,38 @@ async def test_stored_event_ids_are_known_after_a_restart_also_from_a_database_w
     assert await restart_and_post() == {"shop": (2, 2), "blog": (3, 1)}
     # What the last run accepted is known too.
     assert await restart_and_post() == {"shop": (0, 4), "blog": (0, 4)}
+
+
+async def test_stored_event_ids_move_to_compact_buckets_after_a_restart_and_stay_known(
+        tmp_path: Path) -> None:
+    """Ids read back at start are staged in a plain set, so writes are taken sooner; a
+    background task then moves them into the compact buckets, in slices."""
+    from conftest import FakeClock
+    from segactors.config import Config
+    from segactors.server import Server
+    from segactors.wire import EventIn
+
+    clock = FakeClock()
+    cfg = dict(data_dir=tmp_path, root_token="t", clock=clock, load_slice=7)
+    first = Server(Config(**cfg))  # type: ignore[arg-type]
+    await first.start(background=False)
+    system = await first.create_system("shop")
+    await first.ingest_events(system, [EventIn("u", "buy", clock.now, id=f"e{i}")
+                                       for i in range(50)])
+    await first.stop()
+    srv = Server(Config(**cfg))  # type: ignore[arg-type]
+    await srv.start()
+    try:
+        await asyncio.wait_for(srv.wait_ready(), 10)
+        ids = srv.systems["shop"].event_ids
+        for _ in range(1000):
+            if ids._staged is None:
+                break
+            await asyncio.sleep(0.01)
+        assert ids._staged is None and len(ids) == 50
+        ids._check()
+        got = await srv.ingest_events(srv.systems["shop"], [
+            EventIn("u", "buy", clock.now, id=eid) for eid in ("e0", "e49", "e50")])
+        assert got == (1, 2)
+    finally:
+        await srv.stop()

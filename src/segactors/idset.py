@@ -8,7 +8,8 @@ bucket holds ~16 ids on average; buckets are split one at a time as ids come (li
 hashing), so no add waits for all of them to be rehashed. Bucket addresses come from
 ``hash()``, which is keyed per process: ids chosen to crowd one bucket cannot be
 predicted. Ids holding a NUL, or that UTF-8 cannot encode (lone surrogates), are rare and
-kept in a plain set.
+kept in a plain set. After a restart, stored ids are staged in a plain set first (so
+that writes are taken sooner), then moved into buckets in slices (``unstage``).
 
 Costs: ``add``, ``in`` and ``discard`` take O(1) expected time, about 0.5 µs (a set's
 take ~0.1 µs); each add copies its bucket (~200 bytes).
@@ -26,7 +27,7 @@ _FIRST = 256  # Buckets of an empty set (then 2 KB).
 
 
 class IdSet:
-    __slots__ = ("_buckets", "_level", "_split", "_n", "_odd")
+    __slots__ = ("_buckets", "_level", "_split", "_n", "_odd", "_staged")
 
     def __init__(self, expect: int = 0) -> None:
         """An empty set with room for ``expect`` ids before its first split."""
@@ -38,9 +39,12 @@ class IdSet:
         self._split = 0  # The next bucket to split; those before it are split.
         self._n = 0  # Ids in buckets.
         self._odd: set[str] = set()
+        # Ids staged as a plain set (filled at C speed after a restart), until `unstage`
+        # moves them into buckets.
+        self._staged: set[str] | None = None
 
     def __len__(self) -> int:
-        return self._n + len(self._odd)
+        return self._n + len(self._odd) + (len(self._staged) if self._staged else 0)
 
     def _index(self, h: int) -> int:
         i = h & (self._level - 1)
@@ -48,6 +52,9 @@ class IdSet:
 
     def add(self, eid: str) -> bool:
         """Add ``eid``; True if it was not in the set."""
+        staged = self._staged
+        if staged is not None and eid in staged:
+            return False
         if "\0" in eid:
             return self._add_odd(eid)
         try:
@@ -77,6 +84,8 @@ class IdSet:
     def __contains__(self, eid: object) -> bool:
         if not isinstance(eid, str):
             return False
+        if self._staged is not None and eid in self._staged:
+            return True
         k = self._key(eid)
         if k is None:
             return eid in self._odd
@@ -84,6 +93,9 @@ class IdSet:
 
     def discard(self, eid: str) -> None:
         """Remove ``eid`` if it is in the set."""
+        if self._staged is not None and eid in self._staged:
+            self._staged.discard(eid)
+            return
         k = self._key(eid)
         if k is None:
             self._odd.discard(eid)
@@ -113,6 +125,35 @@ class IdSet:
         self._n += len(keys)
         while self._n > _LOAD * len(b):
             self._grow()
+
+    def stage(self, eids: list[str]) -> None:
+        """Add ids not in the set (a restart's stored ids) to a plain set, at C speed
+        (~0.2 µs an id, against ~0.75 for ``load`` over millions) and at a set's memory,
+        until ``unstage`` moves them into buckets."""
+        if self._staged is None:
+            self._staged = set(eids)
+        else:
+            self._staged.update(eids)
+
+    def unstage(self, n: int) -> bool:
+        """Move up to ``n`` staged ids into buckets; True once none is left staged."""
+        staged = self._staged
+        if staged is None:
+            return True
+        pop = staged.pop
+        keys = []
+        for _ in range(min(n, len(staged))):
+            eid = pop()
+            k = self._key(eid)
+            if k is None:
+                self._odd.add(eid)
+            else:
+                keys.append(k)
+        self.load(keys)
+        if staged:
+            return False
+        self._staged = None
+        return True
 
     @staticmethod
     def _key(eid: str) -> bytes | None:
@@ -159,3 +200,7 @@ class IdSet:
         assert n == self._n
         for eid in self._odd:
             assert self._key(eid) is None
+        for eid in self._staged or ():  # In one place only.
+            k = self._key(eid)
+            assert eid not in self._odd
+            assert k is None or b"\0" + k + b"\0" not in b[self._index(hash(k))]

@@ -366,18 +366,6 @@ def columns(con: sqlite3.Connection, where: str, names: list[str],
     return [[str(r[k]) for r in rows_] for k in range(len(names))]
 
 
-def utf8_column(con: sqlite3.Connection, where: str, name: str,
-                *args: Any) -> list[bytes] | None:
-    """One text column (never NULL where ``where`` selects) as UTF-8, joined by SQLite and
-    split once here; None if a value holds a NUL (then read it with ``column``)."""
-    n, got = con.execute(f"SELECT count(*), CAST(group_concat({name}, char(0)) AS BLOB) "
-                         f"{where}", args).fetchone()
-    if not n:
-        return []
-    keys: list[bytes] = got.split(b"\0")
-    return keys if len(keys) == n else None
-
-
 def column(con: sqlite3.Connection, where: str, name: str, *args: Any) -> list[str]:
     """One text column (never NULL where ``where`` selects), as ``columns`` reads it."""
     return columns(con, where, [name], *args)[0]
