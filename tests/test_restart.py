@@ -255,18 +255,19 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def test_the_writer_process_ends_with_the_server_even_on_kill_9(tmp_path: Path) -> None:
-    """Writes go through a writer process: it must not outlive a killed server (it would
-    hold the database and a process slot), nor one that stops normally."""
+def test_the_helper_processes_end_with_the_server_even_on_kill_9(tmp_path: Path) -> None:
+    """Writes go through a writer process, event ids through an id process: neither may
+    outlive a killed server (the writer would hold the database, both a process slot),
+    nor one that stops normally."""
     for stop in ("kill", "stop"):
         sp = ServerProc(tmp_path / stop)
         try:
             sp.start()
             assert sp.proc is not None
-            (writer,) = _children(sp.proc.pid)
-            assert not _gone(writer)
+            helpers = _children(sp.proc.pid)
+            assert len(helpers) == 2 and not any(map(_gone, helpers))
             getattr(sp, stop)()
-            assert wait_until(lambda: _gone(writer), timeout=10)
+            assert wait_until(lambda: all(map(_gone, helpers)), timeout=10)
         finally:
             sp.kill()
 
@@ -383,15 +384,15 @@ async def test_stored_event_ids_are_known_after_a_restart_also_from_a_database_w
 
 async def test_stored_event_ids_move_to_compact_buckets_after_a_restart_and_stay_known(
         tmp_path: Path) -> None:
-    """Ids read back at start are staged in a plain set, so writes are taken sooner; a
-    background task then moves them into the compact buckets, in slices."""
+    """Ids read back at start (by the id process) are staged in a plain set, so writes are
+    taken sooner; the process then moves them into the compact buckets between requests."""
     from conftest import FakeClock
     from segactors.config import Config
     from segactors.server import Server
     from segactors.wire import EventIn
 
     clock = FakeClock()
-    cfg = dict(data_dir=tmp_path, root_token="t", clock=clock, load_slice=7)
+    cfg = dict(data_dir=tmp_path, root_token="t", clock=clock)
     first = Server(Config(**cfg))  # type: ignore[arg-type]
     await first.start(background=False)
     system = await first.create_system("shop")
@@ -402,15 +403,15 @@ async def test_stored_event_ids_move_to_compact_buckets_after_a_restart_and_stay
     await srv.start()
     try:
         await asyncio.wait_for(srv.wait_ready(), 10)
-        ids = srv.systems["shop"].event_ids
         for _ in range(1000):
-            if ids._staged is None:
+            kept, staged = await srv.ids.count("shop")
+            if not staged:
                 break
             await asyncio.sleep(0.01)
-        assert ids._staged is None and len(ids) == 50
-        ids._check()
+        assert (kept, staged) == (50, 0)
         got = await srv.ingest_events(srv.systems["shop"], [
             EventIn("u", "buy", clock.now, id=eid) for eid in ("e0", "e49", "e50")])
         assert got == (1, 2)
+        assert await srv.ids.count("shop") == (51, 0)
     finally:
         await srv.stop()

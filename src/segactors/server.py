@@ -7,6 +7,7 @@ loop thread, one message at a time; SQLite work happens in the store's writer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import hmac
@@ -23,11 +24,11 @@ import msgspec
 from segactors.changelog import ChangeLog
 from segactors.config import Config
 from segactors.definition import Definition, Limits, parse_definition, to_json
-from segactors.errors import Conflict, Invalid, NotFound
+from segactors.errors import Conflict, Invalid, NotFound, Unavailable
 from segactors.hub import Hub
 from segactors.webhooks import Deliverer, Webhook, check_url
 from segactors.rules.compile import AtomRegistry, compile_definition
-from segactors.idset import IdSet
+from segactors.ids import Ids
 from segactors.store import (CLOCK, ENTER, INSERT_CHANGE, INSERT_EVENT, INSERT_PROFILE, LEAVE, Op,
                               Store, column, columns, rows)
 from segactors.supervisor import Change, Segment, Status, System, load_events, new_key
@@ -87,6 +88,7 @@ class Server:
         self.config = config
         self.clock: Callable[[], int] = config.clock
         self.store = Store(config.data_dir, config.synchronous)
+        self.ids = Ids(self.store.path)
         self.systems: dict[str, System] = {}
         self.logs: dict[str, ChangeLog] = {}
         self.by_write_key: dict[str, str] = {}
@@ -98,7 +100,8 @@ class Server:
         self.ready = asyncio.Event()  # Set once users' histories are loaded.
         # Set once the stored event ids are loaded (so duplicates are known): from then
         # on, ingest is acknowledged, and what arrives before ``ready`` is applied then.
-        self.accepting = asyncio.Event()
+        # (The same as ``self.ids.loaded``.)
+        self.accepting = self.ids.loaded
         self._batches = asyncio.Lock()
         # What was ingested while the histories load: applied, in order, once they are.
         self._deferred: deque[Callable[[], asyncio.Future[None]]] = deque()
@@ -119,11 +122,13 @@ class Server:
         ``background=False`` loads everything before returning and starts no task."""
         self._load_root_token()
         await self.store.open()
+        # It reads the stored ids while the histories load here.
+        await self.ids.open(others=[self.store.fileno()])
         gc.set_threshold(*self.config.gc_threshold)
         last = self._load_state()
         if not background:
+            await self.accepting.wait()
             await self._load_histories(last)
-            await self._compact_ids()
             return
         for hook in self._loaded_hooks:
             self.webhooks.start(hook)
@@ -137,46 +142,16 @@ class Server:
         self._tasks.append(asyncio.create_task(self.run_recovery(), name="segactors-recovery"))
         self._tasks.append(asyncio.create_task(self._ticker(), name="segactors-ticker"))
         self._tasks.append(asyncio.create_task(self._backfiller(), name="segactors-backfill"))
-        self._tasks.append(asyncio.create_task(self._compact_ids(), name="segactors-ids"))
-
-    async def _compact_ids(self) -> None:
-        """Move the event ids staged at start-up into each system's compact buckets, a
-        slice at a time (~0.75 µs an id): a set of strings holds ~100 B an id, buckets ~14."""
-        for system in list(self.systems.values()):
-            while not system.event_ids.unstage(self.config.load_slice):
-                await asyncio.sleep(0)
 
     async def _load_histories(self, last: int) -> None:
-        """Event ids (then ingest is ``accepting``), users' profiles and events, in slices
-        that yield; then what was ingested meanwhile is applied, in order; then ``ready``."""
+        """Users' profiles and events, in slices that yield; then what was ingested
+        meanwhile (once ``accepting``) is applied, in order; then ``ready``."""
         con = self.store.read()
         step = self.config.load_slice
         try:
             # What is stored now; anything later is ingested meanwhile, and deferred.
             top_event = con.execute("SELECT max(rowid) FROM events").fetchone()[0] or 0
             top_profile = con.execute("SELECT max(rowid) FROM profiles").fetchone()[0] or 0
-            top_id = con.execute("SELECT max(rowid) FROM event_ids").fetchone()[0] or 0
-            only = next(iter(self.systems.values())) if len(self.systems) == 1 else None
-            if only is not None:
-                only.event_ids = IdSet(expect=top_id)  # Room for them all: no split.
-            # A slice like the events' (tens of ms): reads are served in between. Staged
-            # as plain sets, at C speed; moved to compact buckets later (_compact_ids).
-            for lo in range(0, top_id, step):
-                hi = min(top_id, lo + step)
-                if only is not None:  # Half the reading: no system column.
-                    only.event_ids.stage(column(
-                        con, "FROM event_ids WHERE rowid > ? AND rowid <= ? AND system = ?",
-                        "id", lo, hi, only.id))
-                else:
-                    sids, ids = columns(con, "FROM event_ids WHERE rowid > ? AND rowid <= ?",
-                                        ["system", "id"], lo, hi)
-                    by_system: dict[str, list[str]] = {}
-                    for sid, eid in zip(sids, ids):
-                        by_system.setdefault(sid, []).append(eid)
-                    for sid, got in by_system.items():
-                        self.systems[sid].event_ids.stage(got)
-                await asyncio.sleep(0)
-            self.accepting.set()
             for sid, uid, props in rows(con, PROFILES_IN_ORDER, top_profile):
                 self.systems[sid].load_profile(uid, msgspec.json.decode(props))
             await self._between_slices()
@@ -222,6 +197,7 @@ class Server:
         self._tasks.clear()
         await self.webhooks.close()
         await self.store.close()
+        await self.ids.close()
 
     def _load_root_token(self) -> None:
         path = self.config.data_dir / "root_token"
@@ -358,15 +334,20 @@ class Server:
                 stamped = self._stamp(items, now)
                 break
             stamped.append(ts)
-        fresh: list[tuple[EventIn, int]] = []
-        ids = system.event_ids
-        add = ids.add
-        for e, ts in zip(items, stamped):
-            eid = e.id
-            # Reserved now, so a concurrent request sees it as a duplicate.
-            if eid is not None and not add(eid):
-                continue
-            fresh.append((e, ts))
+        # Reserved now (in arrival order), so a concurrent request sees them as duplicates.
+        ids = [e.id for e in items if e.id is not None]
+        new = await self.ids.add(system.id, ids)
+        if 0 not in new:
+            fresh = list(zip(items, stamped))
+        else:
+            fresh = []
+            k = 0
+            for e, ts in zip(items, stamped):
+                if e.id is not None:
+                    k += 1
+                    if not new[k - 1]:
+                        continue
+                fresh.append((e, ts))
         if not self.ready.is_set():
             if fresh:
                 raws = [_json.encode(e.props) if e.props else None for e, _ in fresh]
@@ -374,10 +355,10 @@ class Server:
                 try:
                     await self._defer(partial(self._apply_events, system, fresh, False, raws),
                                       [(INSERT_EVENT, rows_)])
-                except Exception:
-                    for e, _ in fresh:  # Not stored: not seen.
-                        if e.id is not None:
-                            ids.discard(e.id)
+                except Exception:  # Not stored: not seen (unless the id process is gone).
+                    with contextlib.suppress(Unavailable):
+                        await self.ids.discard(system.id, [e.id for e, _ in fresh
+                                                           if e.id is not None])
                     raise
             return len(fresh), len(items) - len(fresh)
         # Events are applied, then committed together with the changes they cause, in

@@ -192,15 +192,22 @@ def _commit(db: sqlite3.Connection, ops: list[Op]) -> None:
         raise
 
 
-_pack = msgspec.msgpack.Encoder().encode
+pack = msgspec.msgpack.Encoder().encode
 _unpack_ops = msgspec.msgpack.Decoder(list[tuple[str, list[tuple[Any, ...]]]]).decode
 
 
-def _frame(payload: bytes) -> bytes:
+def frame(payload: bytes) -> bytes:
+    """A message between processes: its length (4 bytes), then it."""
     return len(payload).to_bytes(4, "big") + payload
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
+async def read_answer(reader: asyncio.StreamReader) -> Any:
+    """The next framed msgpack message from a helper process."""
+    head = await reader.readexactly(4)
+    return msgspec.msgpack.decode(await reader.readexactly(int.from_bytes(head, "big")))
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes | None:
     """``n`` bytes, or None once the server's end is closed (or reset: it was killed)."""
     buf = bytearray()
     while len(buf) < n:
@@ -225,11 +232,11 @@ def _serve_writes(sock: socket.socket, server_end: socket.socket, path: str,
     try:
         db = _open(path, synchronous)
     except Exception as e:
-        sock.sendall(_frame(_pack(f"could not open {path}: {e}")))
+        sock.sendall(frame(pack(f"could not open {path}: {e}")))
         return
-    sock.sendall(_frame(_pack(None)))
-    while (head := _recv_exactly(sock, 4)) is not None:
-        body = _recv_exactly(sock, int.from_bytes(head, "big"))
+    sock.sendall(frame(pack(None)))
+    while (head := recv_exactly(sock, 4)) is not None:
+        body = recv_exactly(sock, int.from_bytes(head, "big"))
         if body is None:
             break
         try:
@@ -238,7 +245,7 @@ def _serve_writes(sock: socket.socket, server_end: socket.socket, path: str,
         except Exception as e:  # Reported to the server: nothing of the group is durable.
             answer = f"{type(e).__name__}: {e}"
         try:
-            sock.sendall(_frame(_pack(answer)))
+            sock.sendall(frame(pack(answer)))
         except OSError:  # The server is gone: what was committed stays.
             break
     db.close()
@@ -278,6 +285,11 @@ class Store:
             raise Unavailable(err)
         self._writer = asyncio.create_task(self._write_loop(), name="segactors-store-writer")
 
+    def fileno(self) -> int:
+        """The server's end of the socket to the writer process."""
+        assert self._conn is not None
+        return int(self._conn.get_extra_info("socket").fileno())
+
     def read(self) -> sqlite3.Connection:
         """A plain read connection for loading at start-up (before anything is written)."""
         con = sqlite3.connect(self.path)
@@ -295,8 +307,7 @@ class Store:
 
     async def _answer(self) -> str | None:
         assert self._reader is not None
-        head = await self._reader.readexactly(4)
-        got = msgspec.msgpack.decode(await self._reader.readexactly(int.from_bytes(head, "big")))
+        got = await read_answer(self._reader)
         return got if got is None else str(got)
 
     async def _write_loop(self) -> None:
@@ -310,7 +321,7 @@ class Store:
                 continue
             batch, self._queue = self._queue, []
             try:
-                self._conn.write(_frame(_pack([op for ops, _ in batch for op in ops])))
+                self._conn.write(frame(pack([op for ops, _ in batch for op in ops])))
                 await self._conn.drain()
                 err = await self._answer()
                 if err is not None:

@@ -19,7 +19,6 @@ from sortedcontainers import SortedSet
 
 from segactors.actor import ActorCtx, UserActor, name_code, props_of
 from segactors.definition import Definition
-from segactors.idset import IdSet
 from segactors.rules.compile import AtomRegistry, CompiledSegment, compile_builtin
 from segactors.rules.evaluate import ALL_SESSIONS, NEVER, SessionState, Veto, needs_event
 
@@ -173,7 +172,6 @@ class System:
         self.users: dict[str, UserActor] = {}
         self.segments: dict[str, Segment] = {}
         self.atoms = AtomRegistry()
-        self.event_ids = IdSet()
         self.events = 0
         self.seq = 0
         self.next_idx = 0
