@@ -169,10 +169,13 @@ class UserActor:
         code = name_code(name)
         started = True  # Whether the event's session (if any) started no later than it.
         if sid is not None:
-            same = self.same_sid(sid)
-            # After the latest event, of the same session: that session started no later.
-            started = same is not sid and self.ts[-1] <= ts
-            sid = same
+            sids = self.sids  # `same_sid`, spelled out: this runs once per event.
+            if sids and sids[-1] == sid:
+                # After the latest event, of the same session: it started no later.
+                started = self.ts[-1] <= ts
+                sid = sids[-1]
+            else:
+                started = False
         self.append(ts, code, raw, sid)
         if not started and self.sessions is not None:
             first = self.sessions.get(sid)  # type: ignore[arg-type]
@@ -196,7 +199,7 @@ class UserActor:
             if m is EMPTY:
                 m = matches[aid] = registry.by_id[aid].new_matches()
             seen = m.ts
-            if m.vals is None and m.by_sid is None and (not seen or seen[-1] <= ts):
+            if type(m) is Matches and (not seen or seen[-1] <= ts):
                 seen.append(ts)  # The common case: in order, no values, no sessions.
             else:
                 m.insert(ts, None if vp is None else props.get(vp), sid)

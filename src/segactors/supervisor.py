@@ -441,12 +441,16 @@ class System:
                     found[s.idx] = s
             if not found:
                 # Nothing to evaluate: the deadline kept stays right, or comes earlier.
-                if later < NEVER:
+                if later < NEVER and (u.deadline is None or u.deadline > later):
                     self._schedule(u, later, fresh=False)
                 return
             segs = found.values()
         nxt = self._evaluate(u, segs, now, now, out, dirty=ALL_SESSIONS if new else sid)
-        self._schedule(u, min(nxt, later), fresh=new)
+        if later < nxt:
+            nxt = later
+        # `_schedule`'s first test, spelled out: most events leave the deadline as it is.
+        if new or u.deadline is None or u.deadline > nxt:
+            self._schedule(u, nxt, fresh=new)
 
     def _adds_no_negative(self, atom: int, props: dict[str, Any] | None,
                           raw: bytes | None) -> bool:
