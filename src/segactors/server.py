@@ -122,10 +122,11 @@ class Server:
         ``background=False`` loads everything before returning and starts no task."""
         self._load_root_token()
         await self.store.open()
-        # It reads the stored ids while the histories load here.
-        await self.ids.open(others=[self.store.fileno()])
         gc.set_threshold(*self.config.gc_threshold)
         last = self._load_state()
+        # After what reads need (so as not to slow it down): the id process reads the
+        # stored ids while the histories load here.
+        await self.ids.open(others=[self.store.fileno()])
         if not background:
             await self.accepting.wait()
             await self._load_histories(last)
@@ -327,15 +328,18 @@ class Server:
         now = self.clock()
         top = min(MAX_TS, now + self.config.future_horizon_ms)
         stamped: list[int] = []
+        ids: list[str] = []
         for e in items:
             ts = e.ts
             # The common case inline: integer epoch ms in range and not too far ahead.
             if type(ts) is not int or not MIN_TS <= ts <= top:
                 stamped = self._stamp(items, now)
+                ids = [e.id for e in items if e.id is not None]
                 break
             stamped.append(ts)
+            if e.id is not None:
+                ids.append(e.id)
         # Reserved now (in arrival order), so a concurrent request sees them as duplicates.
-        ids = [e.id for e in items if e.id is not None]
         new = await self.ids.add(system.id, ids)
         if 0 not in new:
             fresh = list(zip(items, stamped))
@@ -397,13 +401,14 @@ class Server:
         out: list[Change] = []
         now = self.clock()
         chunk: list[tuple[Any, ...]] = []
-        sid_, apply, encode = system.id, system.apply_event, _json.encode
-        for k, (e, ts) in enumerate(items):
-            props = e.props
-            raw = raws[k] if raws is not None else encode(props) if props else None
-            apply(e.user_id, e.name, ts, props, e.session_id, now, out, raw)
-            if write:
-                chunk.append(_event_row(sid_, e, ts, raw))
+        sid_, apply, encode, add = system.id, system.apply_event, _json.encode, chunk.append
+        if raws is None:
+            raws = [encode(e.props) if e.props else None for e, _ in items]
+        for (e, ts), raw in zip(items, raws):
+            uid, name, session = e.user_id, e.name, e.session_id
+            apply(uid, name, ts, e.props, session, now, out, raw)
+            if write:  # `_event_row`, spelled out.
+                add((sid_, uid, name, ts, e.id, session, raw))
         return self._emit(system, out, [(INSERT_EVENT, chunk)] if write else [])
 
     def _apply_profiles(self, system: System, items: list[ProfileIn],
