@@ -415,3 +415,44 @@ async def test_stored_event_ids_move_to_compact_buckets_after_a_restart_and_stay
         assert await srv.ids.count("shop") == (51, 0)
     finally:
         await srv.stop()
+
+
+async def test_the_wal_is_copied_into_the_database_beside_commits(tmp_path: Path) -> None:
+    """Commits do not checkpoint (a checkpoint's fsync would hold every push behind it): a
+    thread of the writer does, so the database file alone soon holds what was acknowledged
+    (far below SQLite's own threshold of 1000 pages)."""
+    import asyncio
+    import shutil
+    import sqlite3
+
+    from conftest import FakeClock
+    from segactors.config import Config
+    from segactors.server import Server
+    from segactors.wire import EventIn
+
+    clock = FakeClock()
+    srv = Server(Config(data_dir=tmp_path / "data", root_token="t", clock=clock))
+    await srv.start(background=False)
+    try:
+        system = await srv.create_system("shop")
+        await srv.ingest_events(system, [EventIn(f"u{i}", "buy", clock.now, id=f"e{i}")
+                                         for i in range(50)])
+        copy = tmp_path / "copy.db"
+
+        def stored_without_wal() -> int:
+            shutil.copyfile(srv.store.path, copy)  # The database file, not its WAL.
+            con = sqlite3.connect(copy)
+            try:
+                return int(con.execute("SELECT count(*) FROM events").fetchone()[0])
+            except sqlite3.OperationalError:  # Not even the schema yet.
+                return -1
+            finally:
+                con.close()
+
+        for _ in range(100):
+            if stored_without_wal() == 50:
+                break
+            await asyncio.sleep(0.05)
+        assert stored_without_wal() == 50
+    finally:
+        await srv.stop()
