@@ -14,7 +14,6 @@ import multiprocessing
 import signal
 import socket
 import sqlite3
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -157,14 +156,10 @@ CREATE TABLE IF NOT EXISTS members (
 """
 
 
-CHECKPOINT_EVERY = 0.5  # Seconds between checkpoints of the WAL (see `_checkpoints`).
-
-
 def _open(path: str, synchronous: str) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute(f"PRAGMA synchronous={synchronous}")
-    db.execute("PRAGMA wal_autocheckpoint=0")  # Checkpoints run beside commits instead.
     db.executescript(SCHEMA)
     if db.execute("SELECT 1 FROM meta WHERE key='event_ids'").fetchone() is None:
         # A database from before the table: filled once from the events.
@@ -174,25 +169,6 @@ def _open(path: str, synchronous: str) -> sqlite3.Connection:
         db.execute("INSERT INTO meta (key, value) VALUES ('event_ids', '1')")
         db.execute("COMMIT")
     return db
-
-
-def _checkpoints(path: str, synchronous: str, stop: threading.Event) -> None:
-    """Copy the WAL into the database every ``CHECKPOINT_EVERY`` seconds, on a connection
-    and a thread of their own (SQLite runs without the GIL). A commit that had to run the
-    checkpoint itself (SQLite's default, once the WAL holds 1000 pages) waited for it, and
-    its fsync of the database file: hundreds of milliseconds now and then, which every
-    push and time-driven change behind it waited too. A passive checkpoint takes no lock
-    a commit needs."""
-    con = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    con.execute(f"PRAGMA synchronous={synchronous}")
-    try:
-        while not stop.wait(CHECKPOINT_EVERY):
-            try:
-                con.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            except sqlite3.Error:
-                pass  # Tried again next time.
-    finally:
-        con.close()
 
 
 def _commit(db: sqlite3.Connection, ops: list[Op]) -> None:
@@ -259,10 +235,6 @@ def _serve_writes(sock: socket.socket, server_end: socket.socket, path: str,
         sock.sendall(frame(pack(f"could not open {path}: {e}")))
         return
     sock.sendall(frame(pack(None)))
-    stop = threading.Event()
-    checkpointer = threading.Thread(target=_checkpoints, args=(path, synchronous, stop),
-                                    name="segactors-checkpoints", daemon=True)
-    checkpointer.start()
     while (head := recv_exactly(sock, 4)) is not None:
         body = recv_exactly(sock, int.from_bytes(head, "big"))
         if body is None:
@@ -276,8 +248,6 @@ def _serve_writes(sock: socket.socket, server_end: socket.socket, path: str,
             sock.sendall(frame(pack(answer)))
         except OSError:  # The server is gone: what was committed stays.
             break
-    stop.set()
-    checkpointer.join()
     db.close()
 
 
