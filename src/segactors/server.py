@@ -122,11 +122,11 @@ class Server:
         ``background=False`` loads everything before returning and starts no task."""
         self._load_root_token()
         await self.store.open()
+        # The id process reads the stored ids while this one loads what reads need, and
+        # then the histories.
+        await self.ids.open(others=[self.store.fileno()])
         gc.set_threshold(*self.config.gc_threshold)
         last = self._load_state()
-        # After what reads need (so as not to slow it down): the id process reads the
-        # stored ids while the histories load here.
-        await self.ids.open(others=[self.store.fileno()])
         if not background:
             await self.accepting.wait()
             await self._load_histories(last)
