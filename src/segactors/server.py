@@ -343,15 +343,9 @@ class Server:
         new = await self.ids.add(system.id, ids)
         if 0 not in new:
             fresh = list(zip(items, stamped))
-        else:
-            fresh = []
-            k = 0
-            for e, ts in zip(items, stamped):
-                if e.id is not None:
-                    k += 1
-                    if not new[k - 1]:
-                        continue
-                fresh.append((e, ts))
+        else:  # `new` holds one flag per event that has an id, in order.
+            flags = iter(new)
+            fresh = [(e, ts) for e, ts in zip(items, stamped) if e.id is None or next(flags)]
         if not self.ready.is_set():
             if fresh:
                 raws = [_json.encode(e.props) if e.props else None for e, _ in fresh]
