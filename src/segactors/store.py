@@ -3,8 +3,9 @@
 One long-lived connection in WAL mode, in a writer process. Writes are queued and
 committed together (group commit): the writer task sends each group to the process as one
 message (one transaction), and every caller's future resolves once its rows are durable,
-in submission order, so callbacks run in ``seq`` order. Reads happen only at start-up,
-on connections of their own.
+in submission order, so callbacks run in ``seq`` order. A thread of the writer process
+copies the WAL into the database beside the commits (``_checkpoints``). Reads happen only
+at start-up, on connections of their own.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import multiprocessing
 import signal
 import socket
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -156,10 +158,20 @@ CREATE TABLE IF NOT EXISTS members (
 """
 
 
+# The WAL is copied into the database by a thread of the writer process, beside commits
+# (see `_checkpoints`), every CHECKPOINT_EVERY seconds; once it holds WAL_RESTART_PAGES
+# pages, the writer itself copies the rest (little), so that the next commit starts the
+# WAL over from its beginning.
+CHECKPOINT_EVERY = 0.25
+WAL_RESTART_PAGES = 16_384  # 64 MB of 4 KB pages.
+
+
 def _open(path: str, synchronous: str) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute(f"PRAGMA synchronous={synchronous}")
+    db.execute("PRAGMA wal_autocheckpoint=0")  # `_checkpoints` does it, beside commits.
+    db.execute(f"PRAGMA journal_size_limit={WAL_RESTART_PAGES * 4096}")
     db.executescript(SCHEMA)
     if db.execute("SELECT 1 FROM meta WHERE key='event_ids'").fetchone() is None:
         # A database from before the table: filled once from the events.
@@ -169,6 +181,33 @@ def _open(path: str, synchronous: str) -> sqlite3.Connection:
         db.execute("INSERT INTO meta (key, value) VALUES ('event_ids', '1')")
         db.execute("COMMIT")
     return db
+
+
+def _checkpoints(path: str, stop: threading.Event, full: threading.Event) -> None:
+    """Copy the WAL into the database every ``CHECKPOINT_EVERY`` seconds, on a connection
+    and a thread of their own (SQLite runs without the GIL), and set ``full`` once the WAL
+    holds ``WAL_RESTART_PAGES`` pages.
+
+    SQLite's default is that the commit which takes the WAL past 1000 pages runs the
+    checkpoint, and its fsync of the database file: that commit, and every push and
+    time-driven change behind it, waits for both. A passive checkpoint takes no lock a
+    commit needs, so commits no longer copy (a commit's own sync may still wait for the
+    checkpoint's: the file system orders them). But while commits go on, it seldom finds
+    the WAL wholly copied (new pages came in meanwhile), and only then may a commit start
+    the WAL over: so once it is long, the writer copies the rest itself, between two
+    commits (``_serve_writes``).
+    """
+    con = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        while not stop.wait(CHECKPOINT_EVERY):
+            try:
+                _, log, _ = con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            except sqlite3.Error:
+                continue  # Tried again next time.
+            if log >= WAL_RESTART_PAGES:
+                full.set()
+    finally:
+        con.close()
 
 
 def _commit(db: sqlite3.Connection, ops: list[Op]) -> None:
@@ -235,6 +274,10 @@ def _serve_writes(sock: socket.socket, server_end: socket.socket, path: str,
         sock.sendall(frame(pack(f"could not open {path}: {e}")))
         return
     sock.sendall(frame(pack(None)))
+    stop, full = threading.Event(), threading.Event()
+    checkpointer = threading.Thread(target=_checkpoints, args=(path, stop, full),
+                                    name="segactors-checkpoints", daemon=True)
+    checkpointer.start()
     while (head := recv_exactly(sock, 4)) is not None:
         body = recv_exactly(sock, int.from_bytes(head, "big"))
         if body is None:
@@ -248,6 +291,14 @@ def _serve_writes(sock: socket.socket, server_end: socket.socket, path: str,
             sock.sendall(frame(pack(answer)))
         except OSError:  # The server is gone: what was committed stays.
             break
+        if full.is_set():  # After the answer: only the next commit waits for this.
+            full.clear()
+            try:
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error:
+                pass  # The thread says so again.
+    stop.set()
+    checkpointer.join()
     db.close()
 
 
