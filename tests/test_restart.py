@@ -309,13 +309,17 @@ async def test_after_a_restart_writes_are_acknowledged_while_histories_load_and_
     await first.stop()
 
     srv = Server(Config(**cfg))  # type: ignore[arg-type]
-    # The histories' load is held (after the profiles) until the writes below are in.
+    # The histories' load is held (after its first slice) until the writes below are in.
     go_on = asyncio.Event()
     srv._between_slices = go_on.wait  # type: ignore[method-assign]
     await srv.start()
     try:
         assert not srv.ready.is_set()
         restored = srv.systems["shop"]
+        for _ in range(3):
+            await asyncio.sleep(0)
+        # Profiles load in slices as events do: the loop serves in between.
+        assert sorted(u for u, a in restored.users.items() if a.props) == ["a", "b"]
         assert list(restored.segments[seg.id].members) == ["b"]
         got = await asyncio.wait_for(srv.ingest_events(restored, [
             EventIn("a", "buy", clock.now, id="late"), EventIn("b", "buy", clock.now, id="e4"),

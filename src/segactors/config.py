@@ -44,8 +44,9 @@ class Config:
     # most about this much work of another request (one batch goes slice by slice at a
     # time). 16 live events are about half a millisecond.
     ingest_slice: int = 16
-    # Stored events loaded between yields to the loop after a restart.
-    load_slice: int = 50_000
+    # Stored profiles, or events, loaded between yields to the loop after a restart: about
+    # 20 ms of work, since a request takes several turns of the loop to be answered.
+    load_slice: int = 5_000
     # Events stay in memory at least this long, and as long as any live segment looks back.
     event_retention_ms: int = 90 * DAY_MS
     prune_interval_ms: int = 600_000

@@ -153,9 +153,11 @@ class Server:
             # What is stored now; anything later is ingested meanwhile, and deferred.
             top_event = con.execute("SELECT max(rowid) FROM events").fetchone()[0] or 0
             top_profile = con.execute("SELECT max(rowid) FROM profiles").fetchone()[0] or 0
-            for sid, uid, props in rows(con, PROFILES_IN_ORDER, top_profile):
-                self.systems[sid].load_profile(uid, msgspec.json.decode(props))
-            await self._between_slices()
+            cur = con.execute(PROFILES_IN_ORDER, (top_profile,))
+            while chunk := cur.fetchmany(step):
+                for sid, uid, props in chunk:
+                    self.systems[sid].load_profile(uid, msgspec.json.decode(props))
+                await self._between_slices()
             cur = con.execute(EVENTS_IN_ORDER, (top_event,))
             while chunk := cur.fetchmany(step):
                 load_events(self.systems, chunk)
