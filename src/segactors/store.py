@@ -162,7 +162,7 @@ CREATE TABLE IF NOT EXISTS members (
 # (see `_checkpoints`), every CHECKPOINT_EVERY seconds; once it holds WAL_RESTART_PAGES
 # pages, the writer itself copies the rest (little), so that the next commit starts the
 # WAL over from its beginning.
-CHECKPOINT_EVERY = 0.25
+CHECKPOINT_EVERY = 0.1
 WAL_RESTART_PAGES = 16_384  # 64 MB of 4 KB pages.
 
 
