@@ -1,5 +1,6 @@
 """A large batch is applied slice by slice: requests that arrive meanwhile are applied
-between its slices, and the change log, in memory and stored, stays in seq order."""
+between its slices (short ones while a small request is in flight), and the change log,
+in memory and stored, stays in seq order."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ from segactors.config import Config
 from segactors.server import Server, stored_changes
 from segactors.wire import EventIn
 
-SLICE = 4
-BATCH = 400  # 100 slices.
+SLICE = 4  # While a request of at most this many events is in flight.
+ALONE = 32  # While none is.
+BATCH = 400
 
 
 async def test_single_events_are_applied_between_a_batchs_slices_and_logged_in_order(
         tmp_path: Path, clock: FakeClock) -> None:
-    cfg = Config(data_dir=tmp_path, root_token="t", clock=clock, ingest_slice=SLICE)
+    cfg = Config(data_dir=tmp_path, root_token="t", clock=clock, ingest_slice=SLICE,
+                 ingest_slice_alone=ALONE)
     srv = Server(cfg)
     await srv.start(background=False)
     try:
@@ -46,6 +49,11 @@ async def test_single_events_are_applied_between_a_batchs_slices_and_logged_in_o
         order = "".join(c.user_id[0] for c in listed)
         assert order.index("s") < order.rindex("s") < order.rindex("b")
         assert order.count("bs") >= 10, order
+        # The first slice, before any single arrived, was a long one; while singles are
+        # in flight, slices are short.
+        assert order.index("s") == ALONE, order
+        runs = sorted(len(r) for r in order[order.index("s"):order.rindex("s")].split("s") if r)
+        assert runs[len(runs) // 2] <= 2 * SLICE, order
     finally:
         await srv.stop()
     con = sqlite3.connect(tmp_path / "segactors.db")

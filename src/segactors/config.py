@@ -40,10 +40,13 @@ class Config:
     backfill_slice: int = 2000
     # Users brought up to date (every segment evaluated) between yields after a restart.
     recover_slice: int = 100
-    # Events applied (or due users advanced) between yields to the loop: a push waits at
-    # most about this much work of another request (one batch goes slice by slice at a
-    # time). 16 live events are about half a millisecond.
+    # Events applied (or due users advanced) between yields to the loop while a request
+    # of at most this many events is in flight: it waits at most about this much work of
+    # a batch between two of its steps (one batch goes slice by slice at a time). 16 live
+    # events are about half a millisecond.
     ingest_slice: int = 16
+    # The slice while no such request is: fewer turns of the loop per batch.
+    ingest_slice_alone: int = 64
     # Stored profiles, or events, loaded between yields to the loop after a restart: about
     # 20 ms of work, since a request takes several turns of the loop to be answered.
     load_slice: int = 5_000
@@ -64,6 +67,7 @@ class Config:
             "SEGACTORS_CHANGE_RETENTION_MS": "change_retention_ms",
             "SEGACTORS_EVENT_RETENTION_MS": "event_retention_ms",
             "SEGACTORS_INGEST_SLICE": "ingest_slice",
+            "SEGACTORS_INGEST_SLICE_ALONE": "ingest_slice_alone",
         }
         for var, attr in env_ints.items():
             if var in os.environ:

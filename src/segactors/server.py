@@ -103,6 +103,7 @@ class Server:
         # (The same as ``self.ids.loaded``.)
         self.accepting = self.ids.loaded
         self._batches = asyncio.Lock()
+        self._small = 0  # Requests of at most `ingest_slice` events in flight.
         # What was ingested while the histories load: applied, in order, once they are.
         self._deferred: deque[Callable[[], asyncio.Future[None]]] = deque()
         self.recovered = asyncio.Event()  # Set once every restored user is up to date.
@@ -324,7 +325,17 @@ class Server:
 
     async def ingest_events(self, system: System, items: list[EventIn]) -> tuple[int, int]:
         """Validate all, dedupe, apply and make durable. All-or-nothing. While histories
-        load after a restart, made durable at once and applied once they are loaded."""
+        load after a restart, made durable at once and applied once they are loaded.
+        Returns (accepted, duplicates)."""
+        if len(items) > self.config.ingest_slice:
+            return await self._ingest_events(system, items)
+        self._small += 1  # Batches go in short slices meanwhile.
+        try:
+            return await self._ingest_events(system, items)
+        finally:
+            self._small -= 1
+
+    async def _ingest_events(self, system: System, items: list[EventIn]) -> tuple[int, int]:
         if not self.accepting.is_set():
             await self.accepting.wait()
         now = self.clock()
@@ -364,20 +375,22 @@ class Server:
         # Events are applied, then committed together with the changes they cause, in
         # chunks whose commits queue in seq order; the 202 waits for every chunk.
         futs = []
-        step = self.config.ingest_slice
-        if len(fresh) <= step:
-            futs.append(self._apply_events(system, fresh, True))
-        else:
-            # One batch at a time goes slice by slice, so between two slices the loop runs
-            # one slice of work, not one of every batch in flight: what waits behind (a
-            # small request, a commit, a push) waits a slice, not many.
-            async with self._batches:
-                for k in range(0, len(fresh), step):
-                    futs.append(self._apply_events(system, fresh[k:k + step], True))
-                    if k + step < len(fresh):
-                        await asyncio.sleep(0)
-        if not futs:
-            futs.append(self._emit(system, [], []))
+        small = self.config.ingest_slice
+        if len(fresh) <= small:
+            await self._durable([self._apply_events(system, fresh, True)])
+            return len(fresh), len(items) - len(fresh)
+        # One batch at a time goes slice by slice, so between two slices the loop runs one
+        # slice of work, not one of every batch in flight: what waits behind (a small
+        # request, a commit, a push) waits a slice, not many. Slices are short while a
+        # small request is in flight (each of its steps waits for a turn of the loop).
+        async with self._batches:
+            k = 0
+            while k < len(fresh):
+                step = small if self._small else self.config.ingest_slice_alone
+                futs.append(self._apply_events(system, fresh[k:k + step], True))
+                k += step
+                if k < len(fresh):
+                    await asyncio.sleep(0)
         await self._durable(futs)
         return len(fresh), len(items) - len(fresh)
 
