@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -198,6 +199,25 @@ def save(name: str, result: dict[str, Any]) -> Path:
     out.write_text(json.dumps({"date": utc_now(), "machine": machine(), **result}, indent=2,
                               default=str) + "\n")
     return out
+
+
+def sized_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The arguments of the in-process benchmarks: ``--quick``, ``--users``, ``--events``,
+    ``--repeat``."""
+    p = argparse.ArgumentParser(description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--users", type=int)
+    p.add_argument("--events", type=int)
+    p.add_argument("--repeat", type=int, default=3)
+    return p
+
+
+def sized(a: argparse.Namespace, quick: dict[str, int],
+          full: dict[str, int]) -> tuple[int, int]:
+    """(users, events) as ``sized_parser``'s arguments ask."""
+    size = quick if a.quick else full
+    return a.users or size["users"], a.events or size["events"]
 
 
 def print_rows(rows: list[tuple[str, Any]]) -> None:

@@ -14,7 +14,6 @@ the profiles are in), per event, and which part of the users' state holds them.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import sys
@@ -24,7 +23,7 @@ from typing import Any
 
 import msgspec
 
-from bench.common import print_rows, save
+from bench.common import print_rows, save, sized, sized_parser
 from bench.workload import Workload, resolve_refs, segments
 from segactors.definition import Limits, parse_definition
 from segactors.rules.compile import compile_definition
@@ -147,18 +146,11 @@ def run(users: int, events: int, repeat: int = 3, count: bool = False,
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--users", type=int)
-    p.add_argument("--events", type=int)
-    p.add_argument("--repeat", type=int, default=3)
+    p = sized_parser(__doc__)
     p.add_argument("--count", action="store_true")
     p.add_argument("--memory", action="store_true")
     a = p.parse_args()
-    size = QUICK if a.quick else FULL
-    res = run(a.users or size["users"], a.events or size["events"], a.repeat, a.count,
-              memory=a.memory)
+    res = run(*sized(a, QUICK, FULL), a.repeat, a.count, memory=a.memory)
     print_rows([(k, v) for k, v in res.items()])
     save("engine", res)
 

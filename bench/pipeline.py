@@ -17,7 +17,6 @@ shared machine.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import shutil
@@ -29,7 +28,7 @@ from typing import Any
 
 import msgspec
 
-from bench.common import print_rows, save
+from bench.common import print_rows, save, sized, sized_parser
 from bench.workload import Workload, resolve_refs, segments
 from segactors.config import Config
 from segactors.server import Server
@@ -102,16 +101,10 @@ def run(users: int, events: int, repeat: int = 3, slices: tuple[int, ...] = (16,
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--users", type=int)
-    p.add_argument("--events", type=int)
-    p.add_argument("--repeat", type=int, default=3)
+    p = sized_parser(__doc__)
     p.add_argument("--slice", type=int, nargs="+", default=[Config.ingest_slice_alone])
     a = p.parse_args()
-    size = QUICK if a.quick else FULL
-    res = run(a.users or size["users"], a.events or size["events"], a.repeat, tuple(a.slice))
+    res = run(*sized(a, QUICK, FULL), a.repeat, tuple(a.slice))
     print_rows([(k, v) for k, v in res.items()])
     save("pipeline", res)
 
