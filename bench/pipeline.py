@@ -18,7 +18,6 @@ shared machine.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import statistics
 import tempfile
@@ -29,6 +28,7 @@ from typing import Any
 import msgspec
 
 from bench.common import print_rows, save, sized, sized_parser
+from bench.serverproc import cpu_seconds
 from bench.workload import Workload, resolve_refs, segments
 from segactors.config import Config
 from segactors.server import Server
@@ -37,12 +37,6 @@ from segactors.wire import EventIn, ProfileIn
 QUICK = {"users": 10_000, "events": 200_000}
 FULL = {"users": 100_000, "events": 2_000_000}
 BATCH = 5000
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def once(w: Workload, profiles: list[list[ProfileIn]], batches: list[list[EventIn]],
@@ -67,11 +61,11 @@ async def once(w: Workload, profiles: list[list[ProfileIn]], batches: list[list[
             for b in todo:
                 await srv.ingest_events(system, b)
 
-        h0 = sum(map(cpu_seconds, helpers))
+        h0 = cpu_seconds(helpers)
         c0, t0 = time.process_time(), time.perf_counter()
         await asyncio.gather(requests(), requests())
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        helper_cpu = sum(map(cpu_seconds, helpers)) - h0
+        helper_cpu = cpu_seconds(helpers) - h0
     finally:
         await srv.stop()
         shutil.rmtree(data_dir, ignore_errors=True)

@@ -23,6 +23,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of processes ``pids`` (every thread), summed; a process
+    already gone counts 0."""
+    total = 0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 class ServerProc:
     """`segactors serve` on 127.0.0.1 with a fresh data dir; stopped on exit."""
 
@@ -90,15 +104,7 @@ class ServerProc:
     def cpu_seconds(self, helpers: bool = False) -> float:
         """User + system CPU seconds of the server process (every thread), and with
         ``helpers`` of its helper processes too."""
-        total = 0.0
-        for pid in self.pids() if helpers else [self.proc.pid]:
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        return total / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.pids() if helpers else [self.proc.pid])
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -145,6 +145,12 @@ class Server:
         self._tasks.append(asyncio.create_task(self._ticker(), name="segactors-ticker"))
         self._tasks.append(asyncio.create_task(self._backfiller(), name="segactors-backfill"))
 
+    @staticmethod
+    def _load_profiles(systems: dict[str, System], rows_: list[tuple[Any, ...]]) -> None:
+        """Stored profile updates ``(system, user_id, props)``, in order."""
+        for sid, uid, props in rows_:
+            systems[sid].load_profile(uid, msgspec.json.decode(props))
+
     async def _load_histories(self, last: int) -> None:
         """Users' profiles and events, in slices that yield; then what was ingested
         meanwhile (once ``accepting``) is applied, in order; then ``ready``."""
@@ -154,15 +160,12 @@ class Server:
             # What is stored now; anything later is ingested meanwhile, and deferred.
             top_event = con.execute("SELECT max(rowid) FROM events").fetchone()[0] or 0
             top_profile = con.execute("SELECT max(rowid) FROM profiles").fetchone()[0] or 0
-            cur = con.execute(PROFILES_IN_ORDER, (top_profile,))
-            while chunk := cur.fetchmany(step):
-                for sid, uid, props in chunk:
-                    self.systems[sid].load_profile(uid, msgspec.json.decode(props))
-                await self._between_slices()
-            cur = con.execute(EVENTS_IN_ORDER, (top_event,))
-            while chunk := cur.fetchmany(step):
-                load_events(self.systems, chunk)
-                await self._between_slices()
+            for sql, top, load in ((PROFILES_IN_ORDER, top_profile, self._load_profiles),
+                                   (EVENTS_IN_ORDER, top_event, load_events)):
+                cur = con.execute(sql, (top,))
+                while chunk := cur.fetchmany(step):
+                    load(self.systems, chunk)
+                    await self._between_slices()
         finally:
             con.close()
         for system in self.systems.values():
@@ -374,11 +377,11 @@ class Server:
             return len(fresh), len(items) - len(fresh)
         # Events are applied, then committed together with the changes they cause, in
         # chunks whose commits queue in seq order; the 202 waits for every chunk.
-        futs = []
         small = self.config.ingest_slice
         if len(fresh) <= small:
             await self._durable([self._apply_events(system, fresh, True)])
             return len(fresh), len(items) - len(fresh)
+        futs = []
         # One batch at a time goes slice by slice, so between two slices the loop runs one
         # slice of work, not one of every batch in flight: what waits behind (a small
         # request, a commit, a push) waits a slice, not many. Slices are short while a
